@@ -1,0 +1,56 @@
+"""Switches read once from the environment, and the threading-layer set-up.
+
+``NUMBANORM_CACHE``
+    ``1`` (default) caches compiled kernels on disk (Numba's ``cache=True``);
+    ``0`` compiles afresh in every process.
+``NUMBANORM_FASTMATH``
+    ``1`` (default) lets LLVM reassociate floating-point sums so that the
+    reductions vectorize. Only reassociation is allowed: NaN and inf keep
+    their IEEE meaning, so a NaN in one feature stays in that feature.
+    ``0`` turns it off.
+``NUMBANORM_PARALLEL_MIN_SIZE``
+    Arrays with fewer elements than this (default 32768) run on one thread:
+    starting the thread pool costs more than it saves on them.
+
+Threads: the kernels use ``numba.get_num_threads()``, so ``NUMBA_NUM_THREADS``
+and ``numba.set_num_threads`` apply as for any Numba code.
+"""
+
+import ctypes
+import glob
+import os
+import sys
+
+
+def _flag(name, default):
+    value = os.environ.get(name, default).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"environment variable {name} must be 0 or 1, got {value!r}")
+
+
+CACHE = _flag("NUMBANORM_CACHE", "1")
+FASTMATH = {"reassoc"} if _flag("NUMBANORM_FASTMATH", "1") else False
+PARALLEL_MIN_SIZE = int(os.environ.get("NUMBANORM_PARALLEL_MIN_SIZE", "32768"))
+
+
+def preload_tbb():
+    """Make Numba's TBB threading layer findable, without choosing it for the user.
+
+    The ``tbb`` wheel puts ``libtbb.so.12`` in the environment's ``lib/``, where
+    the dynamic loader does not look; once it is loaded, Numba's default layer
+    order (tbb, omp, workqueue) picks TBB, the one layer that is safe both with
+    concurrent calls from several threads and in children forked after a
+    parallel region ran. An explicit ``NUMBA_THREADING_LAYER`` still wins.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
+        for path in sorted(glob.glob(os.path.join(prefix, "lib", "libtbb.so.12*"))):
+            try:
+                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                return
+            except OSError:
+                continue

@@ -1,0 +1,537 @@
+"""The functional API: validation, dtypes and layouts around the kernels.
+
+Every argument is checked here, once, before any kernel runs. The arrays are
+then brought into the kernels' canonical layout, a C-contiguous
+``(outer, features, inner)`` view, without copying whenever such a view exists:
+C-ordered arrays directly, Fortran-ordered ones through their transpose. Only
+other layouts (sliced, negative strides) and float16 data are copied.
+"""
+
+import math
+import numbers
+
+import numba
+import numpy as np
+from numpy.exceptions import AxisError
+
+from . import _kernels
+from ._config import PARALLEL_MIN_SIZE
+
+__all__ = [
+    "batch_norm_stats",
+    "batch_norm_forward",
+    "batch_norm_backward",
+    "batch_norm_partial_stats",
+    "merge_stats",
+    "batch_norm_backward_reduce",
+    "batch_norm_backward_elemt",
+]
+
+
+# --- argument checks -------------------------------------------------------------------
+
+
+def _data(a, name):
+    """``a`` as an ndarray of float16/32/64 (integers and bools become float64)."""
+    a = np.asarray(a)
+    kind = a.dtype.kind
+    if kind == "f" and a.dtype.itemsize <= 8:
+        return a
+    if kind in "biu":
+        return a.astype(np.float64)
+    raise TypeError(
+        f"{name} must hold real numbers (float16, float32, float64, integer or bool), got dtype {a.dtype}"
+    )
+
+
+def _feature_axis(axis, x):
+    """``axis`` as a non-negative index into ``x.shape``; ``x`` has at least 2 dimensions."""
+    if x.ndim < 2:
+        raise ValueError(f"x must have at least 2 dimensions (batch and features), got shape {x.shape}")
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an integer, got {axis!r}")
+    if not -x.ndim <= axis < x.ndim:
+        raise AxisError(int(axis), x.ndim, "axis")
+    return int(axis) % x.ndim
+
+
+def _number(value, name, low, high):
+    """``value`` as a float in ``[low, high]``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return value
+
+
+def _per_feature(v, name, features):
+    """``v`` as a C-contiguous float64 array of shape ``(features,)``."""
+    v = np.asarray(v)
+    if v.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must hold real numbers, got dtype {v.dtype}")
+    if v.shape != (features,):
+        raise ValueError(f"{name} must have shape ({features},), got {v.shape}")
+    return np.ascontiguousarray(v, dtype=np.float64)
+
+
+def _running(v, name, features):
+    """Check that ``v`` is a running statistic that training can update in place."""
+    if not isinstance(v, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array (training updates it in place), got {type(v).__name__}")
+    if v.dtype.kind != "f":
+        raise TypeError(f"{name} must have a floating-point dtype, got {v.dtype}")
+    if v.shape != (features,):
+        raise ValueError(f"{name} must have shape ({features},), got {v.shape}")
+    if not v.flags.writeable:
+        raise ValueError(f"{name} is read-only, but training updates it in place")
+
+
+def _compute_dtype(dtype):
+    """The dtype the kernels see: float16 is computed in float32."""
+    return np.dtype(np.float32) if dtype == np.float16 else dtype
+
+
+# --- layouts ---------------------------------------------------------------------------
+
+
+def _transposes(a):
+    """Whether ``a`` reaches the canonical layout through its transpose (Fortran order)."""
+    return not a.flags.c_contiguous and a.flags.f_contiguous
+
+
+def _shape3(shape, axis):
+    return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])
+
+
+def _to_3d(a, axis, transposed, dtype):
+    """The ``(outer, features, inner)`` C-contiguous array of ``a`` in ``dtype``; a view when possible."""
+    if transposed:
+        a, axis = a.T, a.ndim - 1 - axis
+    return np.ascontiguousarray(a, dtype=dtype).reshape(_shape3(a.shape, axis))
+
+
+def _view_3d(a, axis, transposed, dtype):
+    """Like ``_to_3d`` for an output, but ``None`` where only a copy would do."""
+    if a.dtype != dtype:
+        return None
+    if transposed:
+        a, axis = a.T, a.ndim - 1 - axis
+    if not a.flags.c_contiguous:
+        return None
+    return a.reshape(_shape3(a.shape, axis))
+
+
+def _from_3d(a3, shape, transposed):
+    """The inverse of ``_to_3d``: ``a3`` seen with ``shape`` (and the same memory order)."""
+    return a3.reshape(shape[::-1]).T if transposed else a3.reshape(shape)
+
+
+def _output(out, x, x3, axis, transposed, dtype):
+    """Where the kernel writes: a 3-D view of ``out`` when it has one, else a new array."""
+    compute = x3.dtype
+    if out is None:
+        return np.empty(x3.shape, dtype=compute)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
+    if out.shape != x.shape:
+        raise ValueError(f"out must have shape {x.shape}, got {out.shape}")
+    if out.dtype != dtype:
+        raise TypeError(f"out must have dtype {dtype}, got {out.dtype}")
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
+    out3 = _view_3d(out, axis, transposed, compute)
+    # Writing through a view is only safe when it is x's own view or shares nothing with it.
+    if out3 is None or (
+        np.may_share_memory(out3, x3)
+        and (out3.__array_interface__["data"][0] != x3.__array_interface__["data"][0] or out3.shape != x3.shape)
+    ):
+        return np.empty(x3.shape, dtype=compute)
+    return out3
+
+
+def _finish(y3, out, shape, transposed, dtype):
+    """The caller's result from the kernel's output ``y3``."""
+    y = _from_3d(y3, shape, transposed)
+    if out is None:
+        return y.astype(dtype, copy=False)
+    if not np.may_share_memory(y, out):
+        out[...] = y
+    return out
+
+
+def _chunks(size):
+    """How many slabs a kernel splits the work into: one thread for small arrays."""
+    return 1 if size < PARALLEL_MIN_SIZE else numba.get_num_threads()
+
+
+# --- the API ---------------------------------------------------------------------------
+
+
+def batch_norm_stats(x, *, axis=1):
+    """Per-feature mean and biased variance of ``x``.
+
+    Parameters
+    ----------
+    x : array_like, at least 2-D
+        Real data (float16/32/64; integers and bools are taken as float64).
+    axis : int, default 1
+        The feature axis; the statistics reduce over every other axis.
+
+    Returns
+    -------
+    mean, var : ndarray of float64, shape ``(x.shape[axis],)``
+        ``var`` is the biased variance (divided by the number of values).
+
+    Raises
+    ------
+    TypeError
+        ``x`` does not hold real numbers; ``axis`` is not an integer.
+    ValueError
+        ``x`` has fewer than 2 dimensions or no values per feature.
+    numpy.exceptions.AxisError
+        ``axis`` is out of range.
+
+    Examples
+    --------
+    >>> import numpy as np, numbanorm
+    >>> mean, var = numbanorm.batch_norm_stats(np.array([[1.0, 10.0], [3.0, 30.0]]))
+    >>> mean, var
+    (array([ 2., 20.]), array([  1., 100.]))
+    """
+    count, mean, m2 = _partial_stats(x, axis)
+    if count == 0:
+        raise ValueError(f"x must have at least 1 value per feature, got shape {np.shape(x)}")
+    return mean, m2 / count
+
+
+def batch_norm_partial_stats(x, *, axis=1):
+    """Mergeable statistics of ``x``: per-feature count, mean and sum of squared deviations.
+
+    The parts of a batch that lives in pieces (chunks, processes) each give
+    ``(count, mean, m2)``; :func:`merge_stats` combines them into the statistics
+    of the whole batch. An empty part is allowed and has count 0.
+
+    Parameters
+    ----------
+    x : array_like, at least 2-D
+    axis : int, default 1
+        The feature axis.
+
+    Returns
+    -------
+    count, mean, m2 : ndarray of float64, shape ``(x.shape[axis],)``
+        ``m2 / count`` is the biased variance.
+
+    Examples
+    --------
+    >>> import numpy as np, numbanorm
+    >>> x = np.arange(12.0).reshape(6, 2)
+    >>> parts = [numbanorm.batch_norm_partial_stats(x[:2]), numbanorm.batch_norm_partial_stats(x[2:])]
+    >>> count, mean, m2 = numbanorm.merge_stats(parts)
+    >>> mean, m2 / count
+    (array([5., 6.]), array([11.66666667, 11.66666667]))
+    """
+    count, mean, m2 = _partial_stats(x, axis)
+    return np.full(mean.shape, count), mean, m2
+
+
+def _partial_stats(x, axis):
+    x = _data(x, "x")
+    axis = _feature_axis(axis, x)
+    transposed = _transposes(x)
+    x3 = _to_3d(x, axis, transposed, _compute_dtype(x.dtype))
+    features = x3.shape[1]
+    mean = np.empty(features)
+    m2 = np.empty(features)
+    count = _kernels.partial_stats(x3, _chunks(x3.size), mean, m2)
+    return count, mean, m2
+
+
+def merge_stats(parts):
+    """Combine ``(count, mean, m2)`` statistics of parts of a batch (Chan's pairwise update).
+
+    Parameters
+    ----------
+    parts : iterable of (count, mean, m2)
+        As returned by :func:`batch_norm_partial_stats`, all with the same
+        number of features. Parts with count 0 contribute nothing.
+
+    Returns
+    -------
+    count, mean, m2 : ndarray of float64
+        The statistics of the concatenated parts, to float64 rounding.
+
+    Raises
+    ------
+    ValueError
+        ``parts`` is empty, or its members disagree in shape.
+    """
+    parts = [tuple(np.asarray(a, dtype=np.float64) for a in part) for part in parts]
+    if not parts:
+        raise ValueError("parts must hold at least one (count, mean, m2) triple")
+    for i, part in enumerate(parts):
+        if len(part) != 3 or not part[0].shape == part[1].shape == part[2].shape == parts[0][1].shape:
+            raise ValueError(f"parts[{i}] must be a (count, mean, m2) triple shaped like parts[0]")
+    # Pairwise (tree) merging keeps the rounding error logarithmic in the number of parts.
+    while len(parts) > 1:
+        merged = [_merge_pair(parts[i], parts[i + 1]) for i in range(0, len(parts) - 1, 2)]
+        if len(parts) % 2:
+            merged.append(parts[-1])
+        parts = merged
+    count, mean, m2 = parts[0]
+    return count.copy(), mean.copy(), m2.copy()
+
+
+def _merge_pair(a, b):
+    count_a, mean_a, m2_a = a
+    count_b, mean_b, m2_b = b
+    count = count_a + count_b
+    with np.errstate(invalid="ignore", divide="ignore"):
+        weight = np.where(count > 0, count_b / count, 0.0)
+        delta = mean_b - mean_a
+        mean = np.where(count_b > 0, mean_a + delta * weight, mean_a)
+        m2 = np.where(count_b > 0, m2_a + m2_b + delta * delta * count_a * weight, m2_a)
+    mean = np.where(count_a > 0, mean, mean_b)
+    m2 = np.where(count_a > 0, m2, m2_b)
+    return count, mean, m2
+
+
+def batch_norm_forward(
+    x,
+    gamma=None,
+    beta=None,
+    *,
+    axis=1,
+    eps=1e-5,
+    training=True,
+    running_mean=None,
+    running_var=None,
+    momentum=0.1,
+    out=None,
+):
+    """Batch normalization: ``y = gamma * (x - mean) / sqrt(var + eps) + beta``.
+
+    Parameters
+    ----------
+    x : array_like, at least 2-D
+        Real data. float16/32/64 keep their dtype (float16 is computed in
+        float32); integers and bools are taken as float64.
+    gamma, beta : array_like, shape ``(x.shape[axis],)``, optional
+        Scale and shift; ``None`` means 1 and 0.
+    axis : int, default 1
+        The feature axis: 1 for ``(N, C)`` and ``(N, C, *spatial)`` as in
+        PyTorch, -1 for channels-last data.
+    eps : float, default 1e-5
+        Added to the variance; must be non-negative.
+    training : bool, default True
+        True normalizes with the batch's mean and biased variance (and updates
+        the running statistics if given); False with ``running_mean`` and
+        ``running_var``.
+    running_mean, running_var : ndarray, shape ``(x.shape[axis],)``, optional
+        In training, updated in place when given (both or neither):
+        ``new = (1 - momentum) * old + momentum * batch``, ``running_var``
+        taking the unbiased variance. Required in inference.
+    momentum : float, default 0.1
+        Weight of the new batch in the running averages, in [0, 1].
+    out : ndarray, optional
+        Receives the result; same shape and dtype as the result. May be ``x``.
+
+    Returns
+    -------
+    y : ndarray
+        Same shape and dtype as ``x`` (float64 for integer input), in ``x``'s
+        memory order when that is C or Fortran.
+    mean, invstd : ndarray of float64, shape ``(x.shape[axis],)``
+        The statistics used, ``invstd = 1 / sqrt(var + eps)``: what
+        :func:`batch_norm_backward` takes.
+
+    Raises
+    ------
+    TypeError
+        Non-real data; a non-array ``out`` or running statistic; wrong ``out`` dtype.
+    ValueError
+        Wrong shapes; fewer than 2 dimensions; ``eps < 0``; ``momentum``
+        outside [0, 1]; fewer than 2 values per feature in training; inference
+        without running statistics.
+    numpy.exceptions.AxisError
+        ``axis`` is out of range.
+
+    Examples
+    --------
+    >>> import numpy as np, numbanorm
+    >>> x = np.array([[1.0, 2.0], [3.0, 6.0]], dtype=np.float32)
+    >>> y, mean, invstd = numbanorm.batch_norm_forward(x, eps=0.0)
+    >>> y
+    array([[-1., -1.],
+           [ 1.,  1.]], dtype=float32)
+    """
+    x = _data(x, "x")
+    axis = _feature_axis(axis, x)
+    features = x.shape[axis]
+    eps = _number(eps, "eps", 0.0, math.inf)
+    gamma = np.ones(features) if gamma is None else _per_feature(gamma, "gamma", features)
+    beta = np.zeros(features) if beta is None else _per_feature(beta, "beta", features)
+    if training:
+        momentum = _number(momentum, "momentum", 0.0, 1.0)
+        if (running_mean is None) != (running_var is None):
+            raise ValueError("running_mean and running_var must be given together, or neither")
+        if running_mean is not None:
+            _running(running_mean, "running_mean", features)
+            _running(running_var, "running_var", features)
+        outer, _, inner = _shape3(x.shape, axis)
+        count = outer * inner
+        if count < 2:
+            raise ValueError(
+                f"x must have more than 1 value per feature in training, got shape {x.shape} "
+                f"with feature axis {axis}"
+            )
+    else:
+        if running_mean is None or running_var is None:
+            raise ValueError("inference (training=False) needs running_mean and running_var")
+        mean = _per_feature(running_mean, "running_mean", features).copy()
+        var = _per_feature(running_var, "running_var", features)
+
+    transposed = _transposes(x)
+    x3 = _to_3d(x, axis, transposed, _compute_dtype(x.dtype))
+    y3 = _output(out, x, x3, axis, transposed, x.dtype)
+    chunks = _chunks(x3.size)
+    if training:
+        mean = np.empty(features)
+        var = np.empty(features)
+        invstd = np.empty(features)
+        _kernels.forward_train(x3, gamma, beta, eps, chunks, y3, mean, var, invstd)
+        if running_mean is not None:
+            running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
+            running_var[...] = (1.0 - momentum) * running_var + momentum * var * (count / (count - 1))
+    else:
+        invstd = 1.0 / np.sqrt(var + eps)
+        _kernels.normalize(x3, mean, gamma * invstd, beta, chunks, y3)
+    return _finish(y3, out, x.shape, transposed, x.dtype), mean, invstd
+
+
+def _gradient_inputs(dy, x, axis):
+    """Checked ``dy``/``x``, their canonical views, and what the result looks like."""
+    x = _data(x, "x")
+    dy = _data(dy, "dy")
+    axis = _feature_axis(axis, x)
+    if dy.shape != x.shape:
+        raise ValueError(f"dy must have the shape of x, {x.shape}, got {dy.shape}")
+    dtype = np.result_type(x.dtype, dy.dtype)
+    compute = _compute_dtype(dtype)
+    transposed = _transposes(x)
+    x3 = _to_3d(x, axis, transposed, compute)
+    dy3 = _to_3d(dy, axis, transposed, compute)
+    return x, x3, dy3, axis, transposed, dtype
+
+
+def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=1, training=True):
+    """Gradients of :func:`batch_norm_forward` with respect to ``x``, ``gamma`` and ``beta``.
+
+    Parameters
+    ----------
+    dy : array_like
+        Gradient of the loss with respect to ``y``; the shape of ``x``.
+    x : array_like
+        The forward's input.
+    mean, invstd : array_like, shape ``(x.shape[axis],)``
+        The statistics the forward returned.
+    gamma : array_like, shape ``(x.shape[axis],)``, optional
+        The forward's scale; ``None`` means 1.
+    axis : int, default 1
+        The feature axis.
+    training : bool, default True
+        As in the forward. True differentiates through the batch statistics;
+        False treats them as constants: ``dx = dy * gamma * invstd``.
+
+    Returns
+    -------
+    dx : ndarray
+        Shape of ``x``, dtype of ``x`` and ``dy`` promoted together.
+    dgamma, dbeta : ndarray, shape ``(x.shape[axis],)``
+        ``sum(dy * xhat)`` and ``sum(dy)`` over all but the feature axis,
+        in the dtype of ``dx``.
+
+    Raises
+    ------
+    TypeError
+        Non-real data.
+    ValueError
+        Wrong shapes, or fewer than 2 dimensions.
+    numpy.exceptions.AxisError
+        ``axis`` is out of range.
+
+    Examples
+    --------
+    >>> import numpy as np, numbanorm
+    >>> x = np.array([[1.0], [3.0]])
+    >>> y, mean, invstd = numbanorm.batch_norm_forward(x, eps=0.0)
+    >>> dx, dgamma, dbeta = numbanorm.batch_norm_backward(np.array([[1.0], [0.0]]), x, mean, invstd)
+    >>> dx.ravel(), dgamma, dbeta
+    (array([0., 0.]), array([-1.]), array([1.]))
+    """
+    x, x3, dy3, axis, transposed, dtype = _gradient_inputs(dy, x, axis)
+    features = x3.shape[1]
+    mean = _per_feature(mean, "mean", features)
+    invstd = _per_feature(invstd, "invstd", features)
+    gamma = np.ones(features) if gamma is None else _per_feature(gamma, "gamma", features)
+    dx3 = np.empty(x3.shape, dtype=x3.dtype)
+    dgamma = np.empty(features)
+    dbeta = np.empty(features)
+    _kernels.backward(dy3, x3, mean, invstd, gamma, bool(training), _chunks(x3.size), dx3, dgamma, dbeta)
+    return _finish(dx3, None, x.shape, transposed, dtype), dgamma.astype(dtype), dbeta.astype(dtype)
+
+
+def batch_norm_backward_reduce(dy, x, mean, invstd, *, axis=1):
+    """The backward's per-feature reductions, to be summed across the parts of a batch.
+
+    Returns ``(sum_dy, sum_dy_xhat)`` in float64, where ``xhat = (x - mean) * invstd``:
+    ``dbeta`` and ``dgamma`` of this part. Summed over all parts (for example
+    with an MPI all-reduce), they give the whole batch's ``dbeta``/``dgamma`` and
+    feed :func:`batch_norm_backward_elemt`.
+
+    Parameters are as in :func:`batch_norm_backward`.
+    """
+    x, x3, dy3, axis, transposed, dtype = _gradient_inputs(dy, x, axis)
+    features = x3.shape[1]
+    mean = _per_feature(mean, "mean", features)
+    invstd = _per_feature(invstd, "invstd", features)
+    sum_dy = np.empty(features)
+    sum_dy_xmu = np.empty(features)
+    _kernels.grad_sums(dy3, x3, mean, _chunks(x3.size), sum_dy, sum_dy_xmu)
+    return sum_dy, sum_dy_xmu * invstd
+
+
+def batch_norm_backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, *, axis=1):
+    """``dx`` of a part of a batch, from the whole batch's statistics and reductions.
+
+    Parameters
+    ----------
+    dy, x : array_like
+        This part's gradient and input.
+    mean, invstd : array_like, shape ``(features,)``
+        The whole batch's statistics.
+    gamma : array_like or None
+        The scale; ``None`` means 1.
+    sum_dy, sum_dy_xhat : array_like, shape ``(features,)``
+        :func:`batch_norm_backward_reduce` summed over all parts.
+    count : int
+        Values per feature in the whole batch; must be positive.
+
+    Returns
+    -------
+    dx : ndarray
+        As :func:`batch_norm_backward` would give for this part.
+    """
+    x, x3, dy3, axis, transposed, dtype = _gradient_inputs(dy, x, axis)
+    features = x3.shape[1]
+    mean = _per_feature(mean, "mean", features)
+    invstd = _per_feature(invstd, "invstd", features)
+    gamma = np.ones(features) if gamma is None else _per_feature(gamma, "gamma", features)
+    sum_dy = _per_feature(sum_dy, "sum_dy", features)
+    sum_dy_xhat = _per_feature(sum_dy_xhat, "sum_dy_xhat", features)
+    count = _number(count, "count", 1.0, math.inf)
+    dy_scale, xmu_scale, offset = _kernels.grad_input_scales(invstd, gamma, sum_dy, sum_dy_xhat, count)
+    dx3 = np.empty(x3.shape, dtype=x3.dtype)
+    _kernels.grad_input(dy3, x3, mean, dy_scale, xmu_scale, offset, True, _chunks(x3.size), dx3)
+    return _finish(dx3, None, x.shape, transposed, dtype)

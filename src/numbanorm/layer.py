@@ -1,0 +1,192 @@
+"""``BatchNorm``: the parameters and running statistics around the functional API."""
+
+import numbers
+
+import numpy as np
+
+from .api import _number, batch_norm_backward, batch_norm_forward
+
+__all__ = ["BatchNorm"]
+
+
+class BatchNorm:
+    """A batch-normalization layer for NumPy networks, with PyTorch's semantics.
+
+    Parameters
+    ----------
+    num_features : int
+        Size of the feature axis.
+    axis : int, default 1
+        The feature axis of the inputs (-1 for channels-last).
+    eps : float, default 1e-5
+        Added to the variance.
+    momentum : float or None, default 0.1
+        Weight of each new batch in the running statistics; ``None`` gives the
+        cumulative average of all batches seen (weight ``1 / num_batches_tracked``).
+    affine : bool, default True
+        Learn a scale ``gamma`` (initially 1) and shift ``beta`` (initially 0).
+    track_running_stats : bool, default True
+        Keep ``running_mean`` (initially 0) and ``running_var`` (initially 1) for
+        inference. Without them the batch statistics are used in both modes.
+    dtype : numpy dtype, default float32
+        dtype of the parameters and running statistics.
+
+    Attributes
+    ----------
+    gamma, beta : ndarray or None
+        The parameters (``None`` when not ``affine``).
+    dgamma, dbeta : ndarray or None
+        Their gradients, filled by :meth:`backward`.
+    running_mean, running_var : ndarray or None
+    num_batches_tracked : int
+    training : bool
+        The mode: :meth:`train` and :meth:`eval` set it.
+
+    Examples
+    --------
+    >>> import numpy as np, numbanorm
+    >>> layer = numbanorm.BatchNorm(3)
+    >>> x = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
+    >>> y = layer.forward(x)
+    >>> dx = layer.backward(np.ones_like(y))
+    >>> layer.dbeta
+    array([8., 8., 8.], dtype=float32)
+    >>> y_eval = layer.eval().forward(x)  # uses the running statistics
+    """
+
+    def __init__(
+        self,
+        num_features,
+        *,
+        axis=1,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        track_running_stats=True,
+        dtype=np.float32,
+    ):
+        if isinstance(num_features, (bool, np.bool_)) or not isinstance(num_features, numbers.Integral):
+            raise TypeError(f"num_features must be an integer, got {num_features!r}")
+        if num_features < 1:
+            raise ValueError(f"num_features must be positive, got {num_features}")
+        if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+            raise TypeError(f"axis must be an integer, got {axis!r}")
+        dtype = np.dtype(dtype)
+        if dtype.kind != "f":
+            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+        self.num_features = int(num_features)
+        self.axis = int(axis)
+        self.eps = _number(eps, "eps", 0.0, np.inf)
+        self.momentum = None if momentum is None else _number(momentum, "momentum", 0.0, 1.0)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.dtype = dtype
+        self.gamma = np.ones(num_features, dtype) if affine else None
+        self.beta = np.zeros(num_features, dtype) if affine else None
+        self.dgamma = None
+        self.dbeta = None
+        self.running_mean = np.zeros(num_features, dtype) if track_running_stats else None
+        self.running_var = np.ones(num_features, dtype) if track_running_stats else None
+        self.num_batches_tracked = 0
+        self.training = True
+        self._saved = None
+
+    def __repr__(self):
+        return (
+            f"BatchNorm({self.num_features}, axis={self.axis}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, track_running_stats={self.track_running_stats}, dtype={self.dtype.name})"
+        )
+
+    def train(self, mode=True):
+        """Set training mode (batch statistics) or, with ``mode=False``, inference mode. Returns self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Set inference mode: normalize with the running statistics. Returns self."""
+        return self.train(False)
+
+    def forward(self, x, training=None):
+        """Normalize ``x``; ``training`` overrides the layer's mode for this call.
+
+        In training the running statistics are updated and ``num_batches_tracked``
+        grows by one. What the backward needs (a reference to ``x``, not a copy,
+        and the statistics) is kept until the next forward: do not modify ``x``
+        in place before calling :meth:`backward`.
+        """
+        training = self.training if training is None else bool(training)
+        # As in PyTorch: without running statistics the batch statistics serve in both modes.
+        use_batch_stats = training or self.running_mean is None
+        momentum = 0.0
+        if use_batch_stats and self.running_mean is not None:
+            self.num_batches_tracked += 1
+            momentum = 1.0 / self.num_batches_tracked if self.momentum is None else self.momentum
+        y, mean, invstd = batch_norm_forward(
+            x,
+            self.gamma,
+            self.beta,
+            axis=self.axis,
+            eps=self.eps,
+            training=use_batch_stats,
+            running_mean=self.running_mean,
+            running_var=self.running_var,
+            momentum=momentum,
+        )
+        self._saved = (x, mean, invstd, use_batch_stats)
+        return y
+
+    __call__ = forward
+
+    def backward(self, dy):
+        """Gradient with respect to the last forward's input; fills ``dgamma`` and ``dbeta``."""
+        if self._saved is None:
+            raise RuntimeError("backward needs a forward first")
+        x, mean, invstd, use_batch_stats = self._saved
+        dx, dgamma, dbeta = batch_norm_backward(
+            dy, x, mean, invstd, self.gamma, axis=self.axis, training=use_batch_stats
+        )
+        self.dgamma = dgamma.astype(self.dtype, copy=False)
+        self.dbeta = dbeta.astype(self.dtype, copy=False)
+        return dx
+
+    def parameters(self):
+        """The learnable parameters by PyTorch name: ``{"weight": gamma, "bias": beta}`` (empty without affine)."""
+        return {"weight": self.gamma, "bias": self.beta} if self.affine else {}
+
+    def gradients(self):
+        """The gradients of :meth:`parameters`, by the same names."""
+        return {"weight": self.dgamma, "bias": self.dbeta} if self.affine else {}
+
+    def state_dict(self):
+        """Copies of the parameters and running statistics under PyTorch's BatchNorm key names."""
+        state = {name: value.copy() for name, value in self.parameters().items()}
+        if self.track_running_stats:
+            state["running_mean"] = self.running_mean.copy()
+            state["running_var"] = self.running_var.copy()
+            state["num_batches_tracked"] = np.array(self.num_batches_tracked, dtype=np.int64)
+        return state
+
+    def load_state_dict(self, state):
+        """Load what :meth:`state_dict` (or PyTorch's ``BatchNorm*d.state_dict()``, as arrays) gives.
+
+        Every key the layer has must be present with shape ``(num_features,)``;
+        unknown keys raise ``KeyError``. Values are copied in the layer's dtype.
+        """
+        expected = set(self.state_dict())
+        missing = expected - set(state)
+        unexpected = set(state) - expected
+        if missing or unexpected:
+            raise KeyError(f"state must have keys {sorted(expected)}; missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        arrays = {}
+        for name in expected - {"num_batches_tracked"}:
+            value = np.asarray(state[name])
+            if value.shape != (self.num_features,):
+                raise ValueError(f"state[{name!r}] must have shape ({self.num_features},), got {value.shape}")
+            arrays[name] = value
+        for name, value in arrays.items():
+            getattr(self, _ATTRIBUTE[name])[...] = value
+        if "num_batches_tracked" in state:
+            self.num_batches_tracked = int(np.asarray(state["num_batches_tracked"]))
+
+
+_ATTRIBUTE = {"weight": "gamma", "bias": "beta", "running_mean": "running_mean", "running_var": "running_var"}
