@@ -1,0 +1,426 @@
+"""Batch normalization of dask arrays: per-chunk statistics, a tree reduction, a blockwise pass.
+
+Needs the optional extra ``dask`` (``pip install "numbanorm[dask]"``).
+
+The array may be chunked along every axis but the feature axis. Each chunk's
+``(count, mean, m2)`` comes from :func:`numbanorm.batch_norm_partial_stats`
+(the Numba kernels, run by the workers), the chunks' statistics are merged in a
+tree with :func:`numbanorm.merge_stats`, and every chunk is then normalized
+with the merged statistics. The backward is built the same way from
+:func:`numbanorm.batch_norm_backward_reduce` (summed in a tree) and
+:func:`numbanorm.batch_norm_backward_elemt`. Nothing is computed until the
+caller computes (or persists) a result, and the results equal those of the
+in-memory functions on the same data to the core tolerances.
+"""
+
+import math
+import numbers
+import string
+from functools import partial
+
+import dask
+import dask.array as da
+import numpy as np
+
+from . import api
+from .api import _feature_axis, _number
+
+__all__ = [
+    "batch_norm_partial_stats",
+    "batch_norm_stats",
+    "batch_norm_forward",
+    "batch_norm_backward",
+]
+
+_SPLIT_EVERY = 16
+
+
+# --- argument checks -------------------------------------------------------------------
+
+
+def _array(a, name):
+    """``a`` as a dask array of real numbers."""
+    a = a if isinstance(a, da.Array) else da.asarray(a)
+    if a.dtype.kind not in "biuf" or a.dtype.itemsize > 8:
+        raise TypeError(
+            f"{name} must hold real numbers (float16, float32, float64, integer or bool), got dtype {a.dtype}"
+        )
+    return a
+
+
+def _result_dtype(*dtypes):
+    """The dtype the in-memory API returns for inputs of ``dtypes``: floats kept, the rest float64."""
+    dtype = np.result_type(*dtypes)
+    return dtype if dtype.kind == "f" else np.dtype(np.float64)
+
+
+def _checked_axis(axis, x):
+    """The feature axis of ``x``, which must lie in a single chunk."""
+    axis = _feature_axis(axis, x)
+    if len(x.chunks[axis]) != 1:
+        raise ValueError(
+            f"x must have a single chunk along the feature axis {axis}, got chunks {x.chunks[axis]}; "
+            f"rechunk it with x.rechunk({{{axis}: -1}})"
+        )
+    return axis
+
+
+def _same_shape(shape, other):
+    """Whether two dask shapes agree, an unknown (NaN) size agreeing with another unknown one."""
+    return len(shape) == len(other) and all(
+        a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(shape, other)
+    )
+
+
+def _vector(v, name, features):
+    """A per-feature argument as a single-chunk float64 dask array of shape ``(features,)``."""
+    if isinstance(v, da.Array):
+        if v.dtype.kind not in "biuf":
+            raise TypeError(f"{name} must hold real numbers, got dtype {v.dtype}")
+        if v.shape != (features,):
+            raise ValueError(f"{name} must have shape ({features},), got {v.shape}")
+        return v.astype(np.float64).rechunk(-1)
+    return da.from_array(api._per_feature(v, name, features), chunks=-1)
+
+
+def _split_every(split_every):
+    if split_every is None:
+        return _SPLIT_EVERY
+    if isinstance(split_every, (bool, np.bool_)) or not isinstance(split_every, numbers.Integral):
+        raise TypeError(f"split_every must be an integer, got {split_every!r}")
+    if split_every < 2:
+        raise ValueError(f"split_every must be at least 2, got {split_every}")
+    return int(split_every)
+
+
+# --- graph building --------------------------------------------------------------------
+
+
+def _tree(parts, combine, split_every):
+    """Reduce the delayed ``parts`` with ``combine`` over groups of at most ``split_every``."""
+    while len(parts) > 1:
+        parts = [dask.delayed(combine)(*parts[i : i + split_every]) for i in range(0, len(parts), split_every)]
+    return parts[0]
+
+
+def _reduce_blocks(block_function, arrays, vectors, rows, combine, split_every):
+    """``block_function`` on matching blocks of ``arrays``, reduced in a tree, as a dask array.
+
+    ``block_function(*blocks, *vectors)`` returns a float64 array of shape
+    ``rows``; ``vectors`` are single-chunk arrays passed whole to every call.
+    The result is the reduction, a single-chunk dask array of shape ``rows``.
+    """
+    blocks = [a.to_delayed(optimize_graph=False).ravel() for a in arrays]
+    whole = [v.to_delayed(optimize_graph=False).ravel()[0] for v in vectors]
+    parts = [dask.delayed(block_function, pure=True)(*matching, *whole) for matching in zip(*blocks)]
+    return da.from_delayed(_tree(parts, combine, split_every), shape=rows, dtype=np.float64)
+
+
+def _indices(ndim):
+    return string.ascii_lowercase[:ndim]
+
+
+def _blockwise(block_function, arrays, vectors, feature_axis, dtype):
+    """``block_function(*blocks, *vectors)`` over the matching blocks of ``arrays``.
+
+    ``arrays`` share one shape; ``vectors`` are single-chunk ``(features,)``
+    arrays, each passed whole to every call. The result has ``dtype``.
+    """
+    index = _indices(arrays[0].ndim)
+    arguments = []
+    for a in arrays:
+        arguments += [a, index]
+    for v in vectors:
+        arguments += [v, index[feature_axis]]
+    return da.blockwise(block_function, index, *arguments, dtype=dtype, meta=np.empty((0,) * len(index), dtype))
+
+
+# --- statistics ------------------------------------------------------------------------
+
+
+def _stats_block(x, axis):
+    return np.stack(api.batch_norm_partial_stats(x, axis=axis))
+
+
+def _merge_stats_blocks(*parts):
+    return np.stack(api.merge_stats(parts))
+
+
+def batch_norm_partial_stats(x, *, axis=1, split_every=None):
+    """Mergeable statistics of a dask array: per-feature count, mean and m2, lazily.
+
+    Each chunk's statistics come from :func:`numbanorm.batch_norm_partial_stats`
+    and are merged in a tree with :func:`numbanorm.merge_stats`. The results can
+    be merged further with the statistics of other arrays.
+
+    Parameters
+    ----------
+    x : dask.array.Array or array_like, at least 2-D
+        Real data, chunked along any axes but the feature axis.
+    axis : int, default 1
+        The feature axis.
+    split_every : int, optional
+        How many parts one node of the reduction tree merges (default 16).
+
+    Returns
+    -------
+    count, mean, m2 : dask.array.Array of float64, shape ``(x.shape[axis],)``
+        Lazy; ``m2 / count`` is the biased variance.
+
+    Raises
+    ------
+    TypeError
+        ``x`` does not hold real numbers; ``axis`` or ``split_every`` is not an integer.
+    ValueError
+        ``x`` has fewer than 2 dimensions or several chunks along the feature axis;
+        ``split_every < 2``.
+    numpy.exceptions.AxisError
+        ``axis`` is out of range.
+
+    Examples
+    --------
+    >>> import dask.array as da, numbanorm.dask
+    >>> x = da.arange(12.0, chunks=4).reshape(6, 2)
+    >>> count, mean, m2 = numbanorm.dask.batch_norm_partial_stats(x)
+    >>> mean.compute(), (m2 / count).compute()
+    (array([5., 6.]), array([11.66666667, 11.66666667]))
+    """
+    x = _array(x, "x")
+    axis = _checked_axis(axis, x)
+    stats = _reduce_blocks(
+        partial(_stats_block, axis=axis), [x], [], (3, x.shape[axis]), _merge_stats_blocks, _split_every(split_every)
+    )
+    return stats[0], stats[1], stats[2]
+
+
+def batch_norm_stats(x, *, axis=1, split_every=None):
+    """Per-feature mean and biased variance of a dask array, lazily.
+
+    Parameters
+    ----------
+    x : dask.array.Array or array_like, at least 2-D
+        Real data, chunked along any axes but the feature axis.
+    axis : int, default 1
+        The feature axis.
+    split_every : int, optional
+        Fan-in of the reduction tree (default 16).
+
+    Returns
+    -------
+    mean, var : dask.array.Array of float64, shape ``(x.shape[axis],)``
+
+    Raises
+    ------
+    As :func:`batch_norm_partial_stats`.
+
+    Examples
+    --------
+    >>> import dask.array as da, numbanorm.dask
+    >>> x = da.from_array([[1.0, 10.0], [3.0, 30.0]], chunks=(1, 2))
+    >>> mean, var = numbanorm.dask.batch_norm_stats(x)
+    >>> mean.compute(), var.compute()
+    (array([ 2., 20.]), array([  1., 100.]))
+    """
+    count, mean, m2 = batch_norm_partial_stats(x, axis=axis, split_every=split_every)
+    return mean, m2 / count
+
+
+# --- forward and backward --------------------------------------------------------------
+
+
+def _normalize_block(x, mean, var, gamma, beta, *, axis, eps, dtype):
+    y, _, _ = api.batch_norm_forward(
+        x, gamma, beta, axis=axis, eps=eps, training=False, running_mean=mean, running_var=var
+    )
+    return y.astype(dtype, copy=False)
+
+
+def batch_norm_forward(
+    x,
+    gamma=None,
+    beta=None,
+    *,
+    axis=1,
+    eps=1e-5,
+    training=True,
+    running_mean=None,
+    running_var=None,
+    split_every=None,
+):
+    """Batch normalization of a dask array: ``y = gamma * (x - mean) / sqrt(var + eps) + beta``.
+
+    In training the statistics of the whole array come from a tree reduction of
+    the chunks' statistics; every chunk is then normalized with them. The result
+    equals :func:`numbanorm.batch_norm_forward` on the computed array.
+
+    Parameters
+    ----------
+    x : dask.array.Array or array_like, at least 2-D
+        Real data, chunked along any axes but the feature axis.
+        float16/32/64 keep their dtype; integers and bools give float64.
+    gamma, beta : array_like, shape ``(x.shape[axis],)``, optional
+        Scale and shift (NumPy or dask arrays); ``None`` means 1 and 0.
+    axis : int, default 1
+        The feature axis.
+    eps : float, default 1e-5
+        Added to the variance; non-negative.
+    training : bool, default True
+        True normalizes with the array's statistics, False with ``running_mean``
+        and ``running_var``.
+    running_mean, running_var : array_like, shape ``(x.shape[axis],)``, optional
+        Required in inference (``training=False``) and refused in training: a
+        lazy computation cannot update them in place. To update them, compute
+        :func:`batch_norm_partial_stats` (count, mean, m2) alongside ``y`` and
+        apply ``new = (1 - momentum) * old + momentum * batch`` with the
+        unbiased variance ``m2 / (count - 1)``.
+    split_every : int, optional
+        Fan-in of the reduction tree (default 16).
+
+    Returns
+    -------
+    y : dask.array.Array
+        Shape and chunks of ``x``; dtype of ``x`` (float64 for integer input).
+    mean, invstd : dask.array.Array of float64, shape ``(x.shape[axis],)``
+        The statistics used, ``invstd = 1 / sqrt(var + eps)``: what
+        :func:`batch_norm_backward` takes.
+
+    Raises
+    ------
+    TypeError
+        ``x`` does not hold real numbers; ``axis``, ``eps`` or ``split_every`` has the wrong type.
+    ValueError
+        Wrong shapes; several chunks along the feature axis; ``eps < 0``; fewer
+        than 2 values per feature in training; running statistics given in
+        training or missing in inference.
+    numpy.exceptions.AxisError
+        ``axis`` is out of range.
+
+    Examples
+    --------
+    >>> import numpy as np, dask.array as da, numbanorm.dask
+    >>> x = da.from_array(np.array([[1.0, 2.0], [3.0, 6.0]], dtype=np.float32), chunks=(1, 2))
+    >>> y, mean, invstd = numbanorm.dask.batch_norm_forward(x, eps=0.0)
+    >>> y.compute()
+    array([[-1., -1.],
+           [ 1.,  1.]], dtype=float32)
+    """
+    x = _array(x, "x")
+    axis = _checked_axis(axis, x)
+    features = x.shape[axis]
+    eps = _number(eps, "eps", 0.0, math.inf)
+    gamma = _vector(np.ones(features) if gamma is None else gamma, "gamma", features)
+    beta = _vector(np.zeros(features) if beta is None else beta, "beta", features)
+    if training:
+        if running_mean is not None or running_var is not None:
+            raise ValueError(
+                "running_mean and running_var cannot be updated in place by a lazy computation: "
+                "pass neither in training, and update them from batch_norm_partial_stats(x)"
+            )
+        count = math.prod(x.shape) / features
+        if count < 2:  # a NaN count (unknown chunk sizes) passes: the kernels see the real data
+            raise ValueError(
+                f"x must have more than 1 value per feature in training, got shape {x.shape} "
+                f"with feature axis {axis}"
+            )
+        count, mean, m2 = batch_norm_partial_stats(x, axis=axis, split_every=split_every)
+        var = m2 / count
+    else:
+        if running_mean is None or running_var is None:
+            raise ValueError("inference (training=False) needs running_mean and running_var")
+        mean = _vector(running_mean, "running_mean", features)
+        var = _vector(running_var, "running_var", features)
+    invstd = 1.0 / da.sqrt(var + eps)
+    dtype = _result_dtype(x.dtype)
+    normalize = partial(_normalize_block, axis=axis, eps=eps, dtype=dtype)
+    y = _blockwise(normalize, [x], [mean, var, gamma, beta], axis, dtype)
+    return y, mean, invstd
+
+
+def _reduce_block(dy, x, mean, invstd, *, axis):
+    sum_dy, sum_dy_xhat = api.batch_norm_backward_reduce(dy, x, mean, invstd, axis=axis)
+    # The count rides along so that chunks of unknown size need no special case.
+    return np.stack([sum_dy, sum_dy_xhat, np.full_like(sum_dy, math.prod(x.shape[:axis] + x.shape[axis + 1 :]))])
+
+
+def _sum_blocks(*parts):
+    return np.sum(parts, axis=0)
+
+
+def _grad_input_block(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, *, axis, training, dtype):
+    if training:
+        dx = api.batch_norm_backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, count[0], axis=axis)
+    else:
+        dx, _, _ = api.batch_norm_backward(dy, x, mean, invstd, gamma, axis=axis, training=False)
+    return dx.astype(dtype, copy=False)
+
+
+def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=1, training=True, split_every=None):
+    """Gradients of :func:`batch_norm_forward` with respect to ``x``, ``gamma`` and ``beta``, lazily.
+
+    ``sum(dy)`` and ``sum(dy * xhat)`` are reduced over the chunks in a tree
+    (:func:`numbanorm.batch_norm_backward_reduce`), then every chunk's ``dx``
+    comes from :func:`numbanorm.batch_norm_backward_elemt`.
+
+    Parameters
+    ----------
+    dy, x : dask.array.Array or array_like
+        The gradient of the loss with respect to ``y``, and the forward's input;
+        same shape, chunked along any axes but the feature axis (``dy`` is
+        rechunked like ``x`` where their chunks differ).
+    mean, invstd : array_like, shape ``(x.shape[axis],)``
+        The statistics :func:`batch_norm_forward` returned (dask or NumPy arrays).
+    gamma : array_like, shape ``(x.shape[axis],)``, optional
+        The forward's scale; ``None`` means 1.
+    axis : int, default 1
+        The feature axis.
+    training : bool, default True
+        As in the forward: True differentiates through the batch statistics;
+        False treats them as constants.
+    split_every : int, optional
+        Fan-in of the reduction tree (default 16).
+
+    Returns
+    -------
+    dx : dask.array.Array
+        Shape and chunks of ``x``; dtype of ``x`` and ``dy`` promoted together.
+    dgamma, dbeta : dask.array.Array, shape ``(x.shape[axis],)``
+        ``sum(dy * xhat)`` and ``sum(dy)``, in the dtype of ``dx``.
+
+    Raises
+    ------
+    TypeError
+        Non-real data; ``axis`` or ``split_every`` is not an integer.
+    ValueError
+        Wrong shapes; several chunks along the feature axis.
+    numpy.exceptions.AxisError
+        ``axis`` is out of range.
+
+    Examples
+    --------
+    >>> import numpy as np, dask.array as da, numbanorm.dask
+    >>> x = da.from_array(np.array([[1.0], [3.0]]), chunks=1)
+    >>> y, mean, invstd = numbanorm.dask.batch_norm_forward(x, eps=0.0)
+    >>> dy = da.from_array(np.array([[1.0], [0.0]]), chunks=1)
+    >>> dx, dgamma, dbeta = numbanorm.dask.batch_norm_backward(dy, x, mean, invstd)
+    >>> dx.compute().ravel(), dgamma.compute(), dbeta.compute()
+    (array([0., 0.]), array([-1.]), array([1.]))
+    """
+    x = _array(x, "x")
+    dy = _array(dy, "dy")
+    axis = _checked_axis(axis, x)
+    if not _same_shape(dy.shape, x.shape):
+        raise ValueError(f"dy must have the shape of x, {x.shape}, got {dy.shape}")
+    features = x.shape[axis]
+    mean = _vector(mean, "mean", features)
+    invstd = _vector(invstd, "invstd", features)
+    gamma = _vector(np.ones(features) if gamma is None else gamma, "gamma", features)
+    if dy.chunks != x.chunks:
+        dy = dy.rechunk(x.chunks)
+    dtype = _result_dtype(x.dtype, dy.dtype)
+    sums = _reduce_blocks(
+        partial(_reduce_block, axis=axis), [dy, x], [mean, invstd], (3, features), _sum_blocks, _split_every(split_every)
+    )
+    sum_dy, sum_dy_xhat, count = sums[0], sums[1], sums[2]
+    grad_input = partial(_grad_input_block, axis=axis, training=bool(training), dtype=dtype)
+    dx = _blockwise(grad_input, [dy, x], [mean, invstd, gamma, sum_dy, sum_dy_xhat, count], axis, dtype)
+    return dx, sum_dy_xhat.astype(dtype), sum_dy.astype(dtype)

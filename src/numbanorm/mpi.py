@@ -1,0 +1,346 @@
+"""Synchronized batch normalization for data-parallel training over MPI.
+
+Needs the optional extra ``mpi`` (``pip install "numbanorm[mpi]"``: mpi4py and
+the MPICH wheel, whose ``mpiexec`` lands in the environment's ``bin/``).
+
+Every rank holds a replica of the model and a part of the global batch. The
+forward gathers every rank's ``(count, mean, m2)`` and merges them in rank order
+(:func:`numbanorm.merge_stats`), so each rank normalizes its part with the
+statistics of the whole batch; the backward gathers the two per-feature sums of
+:func:`numbanorm.batch_norm_backward_reduce`, so each rank gets its part of the
+whole batch's ``dx`` and the whole batch's ``dgamma`` and ``dbeta``. Ranks may
+hold batches of different sizes, or none. Because every rank combines the same
+gathered values in the same order, the results agree bit for bit on all ranks:
+replicas stay identical.
+
+All ranks of ``comm`` must call these functions together. An argument error on
+one rank is raised on every rank (as ``RuntimeError`` on the others) instead of
+leaving them waiting in a collective.
+
+Example, run with ``mpiexec -n 2 python script.py``::
+
+    import numpy as np
+    from mpi4py import MPI
+    import numbanorm.mpi
+
+    rank = MPI.COMM_WORLD.rank
+    x = np.random.default_rng(rank).normal(size=(16 + 8 * rank, 4)).astype(np.float32)
+    layer = numbanorm.mpi.SyncBatchNorm(4)
+    y = layer.forward(x)                 # normalized with the statistics of all 40 rows
+    dx = layer.backward(np.ones_like(y))  # layer.dbeta == 40 on every rank
+"""
+
+import math
+
+import numpy as np
+from mpi4py import MPI
+
+from . import api
+from .api import _number
+from .layer import BatchNorm
+
+__all__ = [
+    "allgather_checked",
+    "allreduce_stats",
+    "allreduce_sum",
+    "batch_norm_forward",
+    "batch_norm_backward",
+    "SyncBatchNorm",
+]
+
+
+def _communicator(comm):
+    if comm is None:
+        return MPI.COMM_WORLD
+    if not isinstance(comm, MPI.Comm):
+        raise TypeError(f"comm must be an mpi4py communicator, got {type(comm).__name__}")
+    return comm
+
+
+def allgather_checked(compute, comm=None):
+    """Every rank's ``compute()``, in rank order, on every rank; an error anywhere raises everywhere.
+
+    Parameters
+    ----------
+    compute : callable
+        Called with no arguments on this rank; its result must be picklable.
+    comm : mpi4py.MPI.Comm, optional
+        Default ``MPI.COMM_WORLD``.
+
+    Returns
+    -------
+    list
+        ``compute()`` of rank 0, 1, ...
+
+    Raises
+    ------
+    Exception
+        What ``compute`` raised on this rank; ``RuntimeError`` naming the rank
+        when it raised on another rank only.
+    """
+    comm = _communicator(comm)
+    try:
+        payload = (None, compute())
+    except Exception as error:  # noqa: BLE001 - re-raised below, after the collective
+        payload = (error, None)
+    gathered = comm.allgather(payload)
+    own_error = payload[0]
+    if own_error is not None:
+        raise own_error
+    for rank, (error, _) in enumerate(gathered):
+        if error is not None:
+            raise RuntimeError(f"rank {rank} of {comm.size} failed: {type(error).__name__}: {error}") from error
+    return [value for _, value in gathered]
+
+
+def _same_features(parts, comm):
+    """Check that every rank's per-feature arrays have one shape (the ranks all raise together)."""
+    shapes = [np.shape(part[0]) for part in parts]
+    if len(set(shapes)) != 1:
+        raise ValueError(
+            f"every rank must have the same number of features; got shapes {shapes} on ranks 0..{comm.size - 1}"
+        )
+
+
+def allreduce_stats(stats, comm=None):
+    """Merge every rank's ``(count, mean, m2)`` into the statistics of the global batch.
+
+    Parameters
+    ----------
+    stats : (count, mean, m2)
+        This rank's statistics, from :func:`numbanorm.batch_norm_partial_stats`
+        (count 0 for an empty part).
+    comm : mpi4py.MPI.Comm, optional
+        Default ``MPI.COMM_WORLD``.
+
+    Returns
+    -------
+    count, mean, m2 : ndarray of float64
+        The same on every rank: the ranks' statistics merged in rank order.
+    """
+    comm = _communicator(comm)
+    parts = allgather_checked(lambda: tuple(np.asarray(a, dtype=np.float64) for a in stats), comm)
+    _same_features(parts, comm)
+    return api.merge_stats(parts)
+
+
+def allreduce_sum(arrays, comm=None):
+    """Sum each of ``arrays`` over the ranks, in rank order, so that every rank gets the same bits.
+
+    Parameters
+    ----------
+    arrays : sequence of array_like
+        This rank's terms; shapes must agree across ranks.
+    comm : mpi4py.MPI.Comm, optional
+        Default ``MPI.COMM_WORLD``.
+
+    Returns
+    -------
+    list of ndarray
+        The sums, in the dtypes of the terms promoted together across ranks.
+    """
+    comm = _communicator(comm)
+    parts = allgather_checked(lambda: [np.asarray(a) for a in arrays], comm)
+    shapes = [[np.shape(a) for a in part] for part in parts]
+    if any(s != shapes[0] for s in shapes):
+        raise ValueError(f"arrays must have the same shapes on every rank; got {shapes} on ranks 0..{comm.size - 1}")
+    totals = [np.array(a, copy=True) for a in parts[0]]
+    for part in parts[1:]:
+        totals = [total + a for total, a in zip(totals, part)]
+    return totals
+
+
+def batch_norm_forward(
+    x,
+    gamma=None,
+    beta=None,
+    *,
+    comm=None,
+    axis=1,
+    eps=1e-5,
+    training=True,
+    running_mean=None,
+    running_var=None,
+    momentum=0.1,
+):
+    """Batch normalization of this rank's part with the statistics of the global batch.
+
+    In training every rank of ``comm`` must call it together; in inference it
+    needs no communication and equals :func:`numbanorm.batch_norm_forward`.
+
+    Parameters
+    ----------
+    x : array_like, at least 2-D
+        This rank's part of the batch; it may be empty (0 along a batch axis).
+    gamma, beta : array_like, shape ``(x.shape[axis],)``, optional
+        Scale and shift, the same on every rank; ``None`` means 1 and 0.
+    comm : mpi4py.MPI.Comm, optional
+        Default ``MPI.COMM_WORLD``.
+    axis, eps, training, running_mean, running_var, momentum
+        As in :func:`numbanorm.batch_norm_forward`. The running statistics are
+        updated with the global batch's mean and unbiased variance, the same on
+        every rank.
+
+    Returns
+    -------
+    y : ndarray
+        Shape and dtype of ``x``.
+    mean, invstd : ndarray of float64, shape ``(x.shape[axis],)``
+        The global batch's statistics, the same on every rank.
+
+    Raises
+    ------
+    As :func:`numbanorm.batch_norm_forward`, on every rank; ``ValueError`` when
+    the global batch has fewer than 2 values per feature in training or the
+    ranks disagree on the number of features.
+    """
+    if not training:
+        return api.batch_norm_forward(
+            x, gamma, beta, axis=axis, eps=eps, training=False, running_mean=running_mean, running_var=running_var
+        )
+    comm = _communicator(comm)
+
+    def local_stats():
+        # Every check that could fail on one rank only runs before the collective.
+        _number(eps, "eps", 0.0, math.inf)
+        _number(momentum, "momentum", 0.0, 1.0)
+        if (running_mean is None) != (running_var is None):
+            raise ValueError("running_mean and running_var must be given together, or neither")
+        stats = api.batch_norm_partial_stats(x, axis=axis)
+        features = stats[0].shape[0]
+        for value, name in ((gamma, "gamma"), (beta, "beta")):
+            if value is not None:
+                api._per_feature(value, name, features)
+        if running_mean is not None:
+            api._running(running_mean, "running_mean", features)
+            api._running(running_var, "running_var", features)
+        return stats
+
+    parts = allgather_checked(local_stats, comm)
+    _same_features(parts, comm)
+    count, mean, m2 = api.merge_stats(parts)
+    total = count[0] if count.size else 0.0
+    if total < 2:
+        raise ValueError(f"the global batch must have more than 1 value per feature in training, got {total:g}")
+    var = m2 / count
+    y, _, invstd = api.batch_norm_forward(
+        x, gamma, beta, axis=axis, eps=eps, training=False, running_mean=mean, running_var=var
+    )
+    if running_mean is not None:
+        running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
+        running_var[...] = (1.0 - momentum) * running_var + momentum * (m2 / (count - 1))
+    return y, mean, invstd
+
+
+def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, comm=None, axis=1, training=True):
+    """Gradients of :func:`batch_norm_forward`: this rank's ``dx``, the global batch's ``dgamma``, ``dbeta``.
+
+    Every rank of ``comm`` must call it together.
+
+    Parameters
+    ----------
+    dy, x : array_like
+        This rank's gradient and input (possibly empty).
+    mean, invstd : array_like, shape ``(features,)``
+        What :func:`batch_norm_forward` returned.
+    gamma : array_like, optional
+        The forward's scale; ``None`` means 1.
+    comm : mpi4py.MPI.Comm, optional
+        Default ``MPI.COMM_WORLD``.
+    axis, training
+        As in :func:`numbanorm.batch_norm_backward`.
+
+    Returns
+    -------
+    dx : ndarray
+        This rank's part of the gradient of the loss over the global batch.
+    dgamma, dbeta : ndarray, shape ``(features,)``
+        Summed over the global batch, the same on every rank, in the dtype of ``dx``.
+
+    Raises
+    ------
+    As :func:`numbanorm.batch_norm_backward`, on every rank.
+    """
+    comm = _communicator(comm)
+
+    def local_sums():
+        sum_dy, sum_dy_xhat = api.batch_norm_backward_reduce(dy, x, mean, invstd, axis=axis)
+        features = sum_dy.shape[0]
+        if gamma is not None:
+            api._per_feature(gamma, "gamma", features)
+        count = np.full(features, math.prod(np.shape(x)) / features if features else 0.0)
+        return [sum_dy, sum_dy_xhat, count]
+
+    parts = allgather_checked(local_sums, comm)
+    _same_features(parts, comm)
+    sum_dy, sum_dy_xhat, count = (np.sum([part[i] for part in parts], axis=0) for i in range(3))
+    if training:
+        dx = api.batch_norm_backward_elemt(
+            dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, count[0] if count.size else 1, axis=axis
+        )
+    else:
+        dx, _, _ = api.batch_norm_backward(dy, x, mean, invstd, gamma, axis=axis, training=False)
+    return dx, sum_dy_xhat.astype(dx.dtype), sum_dy.astype(dx.dtype)
+
+
+class SyncBatchNorm(BatchNorm):
+    """:class:`numbanorm.BatchNorm` whose training statistics span every rank of ``comm``.
+
+    PyTorch's ``SyncBatchNorm``: in training the forward normalizes with the
+    global batch's statistics and the backward returns this rank's part of the
+    global ``dx``, and fills ``dgamma``/``dbeta`` with the global batch's
+    gradients, the same on every rank (so they need no further all-reduce).
+    All ranks must call :meth:`forward` and :meth:`backward` together.
+
+    Parameters
+    ----------
+    num_features : int
+    comm : mpi4py.MPI.Comm, optional
+        Default ``MPI.COMM_WORLD``.
+    **kwargs
+        As :class:`numbanorm.BatchNorm`.
+    """
+
+    def __init__(self, num_features, *, comm=None, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.comm = _communicator(comm)
+
+    def __repr__(self):
+        return "Sync" + super().__repr__()
+
+    def forward(self, x, training=None):
+        """Normalize ``x`` (this rank's part); in training, with the global batch's statistics."""
+        training = self.training if training is None else bool(training)
+        use_batch_stats = training or self.running_mean is None
+        momentum = 0.0
+        if use_batch_stats and self.running_mean is not None:
+            self.num_batches_tracked += 1
+            momentum = 1.0 / self.num_batches_tracked if self.momentum is None else self.momentum
+        y, mean, invstd = batch_norm_forward(
+            x,
+            self.gamma,
+            self.beta,
+            comm=self.comm,
+            axis=self.axis,
+            eps=self.eps,
+            training=use_batch_stats,
+            running_mean=self.running_mean,
+            running_var=self.running_var,
+            momentum=momentum,
+        )
+        self._saved = (x, mean, invstd, use_batch_stats)
+        return y
+
+    __call__ = forward
+
+    def backward(self, dy):
+        """This rank's part of ``dx``; fills ``dgamma`` and ``dbeta`` with the global batch's gradients."""
+        if self._saved is None:
+            raise RuntimeError("backward needs a forward first")
+        x, mean, invstd, use_batch_stats = self._saved
+        dx, dgamma, dbeta = batch_norm_backward(
+            dy, x, mean, invstd, self.gamma, comm=self.comm, axis=self.axis, training=use_batch_stats
+        )
+        self.dgamma = dgamma.astype(self.dtype, copy=False)
+        self.dbeta = dbeta.astype(self.dtype, copy=False)
+        return dx

@@ -1,0 +1,293 @@
+"""numbanorm.dask against the float64 reference and the in-memory API, locally and on a LocalCluster."""
+
+import logging
+import os
+
+import numpy as np
+import pytest
+
+da = pytest.importorskip("dask.array", reason="numbanorm.dask needs the extra 'dask'")
+distributed = pytest.importorskip("distributed", reason="the cluster tests need the extra 'dask'")
+
+import dask  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from numpy.exceptions import AxisError  # noqa: E402
+
+import numbanorm  # noqa: E402
+import numbanorm.dask as nd  # noqa: E402
+import reference  # noqa: E402
+from strategies import DTYPES, TOLERANCE  # noqa: E402
+
+
+def compute(*arrays):
+    """Compute on the calling thread, whatever cluster the module has started."""
+    return dask.compute(*arrays, scheduler="sync")
+
+
+def assert_close(actual, expected, dtype):
+    tol = TOLERANCE[np.dtype(dtype)]
+    expected = np.asarray(expected, dtype=np.float64)
+    scale = np.max(np.abs(expected), initial=1.0)
+    np.testing.assert_allclose(np.asarray(actual, dtype=np.float64), expected, rtol=tol, atol=tol * scale)
+
+
+def data(shape, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    # Per-feature offsets and scales, so that the statistics differ between features.
+    return (rng.normal(size=shape) * rng.uniform(0.5, 20) + rng.uniform(-50, 50)).astype(dtype)
+
+
+# (shape, axis, chunks): batch-only chunking, several axes chunked, uneven and empty chunks.
+CASES = [
+    ((40, 3), 1, (7, 3)),
+    ((40, 3), -1, ((0, 13, 0, 20, 7), (3,))),
+    ((12, 4, 5, 6), 1, (5, 4, 2, 4)),
+    ((6, 5, 7, 3), -1, (4, 3, 2, 3)),
+    ((3, 9, 4), 0, (3, 2, 3)),
+]
+
+
+# --- equality with the reference and the in-memory API ------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, axis, chunks", CASES)
+def test_forward_matches_reference_and_in_memory(shape, axis, chunks, dtype):
+    x = data(shape, dtype)
+    features = shape[axis]
+    rng = np.random.default_rng(1)
+    gamma, beta = rng.uniform(-3, 3, features), rng.uniform(-3, 3, features)
+    y, mean, invstd = nd.batch_norm_forward(da.from_array(x, chunks=chunks), gamma, beta, axis=axis)
+    assert isinstance(y, da.Array) and y.chunks == da.from_array(x, chunks=chunks).chunks
+    y, mean, invstd = compute(y, mean, invstd)
+    assert y.dtype == x.dtype and mean.dtype == invstd.dtype == np.float64
+
+    expected_y, expected_mean, expected_invstd, _, _ = reference.forward(x, gamma, beta, axis=axis)
+    assert_close(y, expected_y, dtype)
+    np.testing.assert_allclose(mean, expected_mean, rtol=1e-10, atol=1e-10 * np.abs(x).max())
+    np.testing.assert_allclose(invstd, expected_invstd, rtol=1e-10)
+
+    in_memory_y, in_memory_mean, in_memory_invstd = numbanorm.batch_norm_forward(x, gamma, beta, axis=axis)
+    assert_close(y, in_memory_y, dtype)
+    np.testing.assert_allclose(invstd, in_memory_invstd, rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, axis, chunks", CASES)
+@pytest.mark.parametrize("training", [True, False])
+def test_backward_matches_reference_and_in_memory(shape, axis, chunks, dtype, training):
+    x = data(shape, dtype)
+    dy = data(shape, dtype, seed=2)
+    features = shape[axis]
+    gamma = np.random.default_rng(3).uniform(-3, 3, features)
+    _, mean, invstd, _, _ = reference.forward(x, gamma, None, axis=axis)
+    # dy chunked differently from x: the backward aligns them.
+    dx, dgamma, dbeta = nd.batch_norm_backward(
+        da.from_array(dy, chunks=1 + np.array(shape) // 2), da.from_array(x, chunks=chunks),
+        mean, invstd, gamma, axis=axis, training=training,
+    )
+    dx, dgamma, dbeta = compute(dx, dgamma, dbeta)
+    assert dx.dtype == dgamma.dtype == dbeta.dtype == x.dtype
+
+    expected = reference.backward(dy, x, mean, invstd, gamma, axis=axis, training=training)
+    for actual, wanted in zip((dx, dgamma, dbeta), expected):
+        assert_close(actual, wanted, dtype)
+    for actual, wanted in zip((dx, dgamma, dbeta), numbanorm.batch_norm_backward(
+        dy, x, mean, invstd, gamma, axis=axis, training=training
+    )):
+        assert_close(actual, wanted, dtype)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    batch=st.integers(2, 60),
+    features=st.integers(1, 4),
+    chunk_sizes=st.lists(st.integers(1, 20), min_size=1, max_size=8),
+    split_every=st.integers(2, 5),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_any_batch_chunking_gives_the_whole_batch_statistics(batch, features, chunk_sizes, split_every, seed):
+    x = data((batch, features), np.float64, seed)
+    chunks = []
+    while sum(chunks) < batch:
+        chunks.append(min(chunk_sizes[len(chunks) % len(chunk_sizes)], batch - sum(chunks)))
+    count, mean, m2 = compute(*nd.batch_norm_partial_stats(da.from_array(x, chunks=(tuple(chunks), features)),
+                                                           split_every=split_every))
+    expected_mean, expected_var = reference.stats(x)
+    np.testing.assert_array_equal(count, batch)
+    np.testing.assert_allclose(mean, expected_mean, rtol=1e-12, atol=1e-12 * np.abs(x).max())
+    np.testing.assert_allclose(m2 / count, expected_var, rtol=1e-10)
+
+
+def test_stats_merge_with_in_memory_stats():
+    x = data((50, 3), np.float32)
+    on_dask = compute(*nd.batch_norm_partial_stats(da.from_array(x[:30], chunks=(4, 3))))
+    merged = numbanorm.merge_stats([on_dask, numbanorm.batch_norm_partial_stats(x[30:])])
+    mean, var = compute(*nd.batch_norm_stats(da.from_array(x, chunks=(9, 3))))
+    expected_mean, expected_var = reference.stats(x)
+    np.testing.assert_allclose(merged[1], expected_mean, rtol=1e-10)
+    np.testing.assert_allclose(merged[2] / merged[0], expected_var, rtol=1e-10)
+    np.testing.assert_allclose(mean, expected_mean, rtol=1e-10)
+    np.testing.assert_allclose(var, expected_var, rtol=1e-10)
+
+
+def test_inference_uses_the_running_statistics():
+    x = data((30, 4), np.float32)
+    running_mean, running_var = np.array([1.0, -2.0, 0.5, 3.0]), np.array([4.0, 0.25, 1.0, 9.0])
+    y, mean, invstd = nd.batch_norm_forward(
+        da.from_array(x, chunks=(7, 4)), training=False, running_mean=running_mean, running_var=da.from_array(running_var)
+    )
+    y, mean, invstd = compute(y, mean, invstd)
+    expected_y, _, expected_invstd, _, _ = reference.forward(
+        x, training=False, running_mean=running_mean, running_var=running_var
+    )
+    assert_close(y, expected_y, np.float32)
+    np.testing.assert_array_equal(mean, running_mean)
+    np.testing.assert_allclose(invstd, expected_invstd, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.bool_])
+def test_integer_and_bool_input_give_float64(dtype):
+    x = (np.arange(24).reshape(8, 3) % 5).astype(dtype)
+    y, _, _ = compute(*nd.batch_norm_forward(da.from_array(x, chunks=(3, 3))))
+    assert y.dtype == np.float64
+    assert_close(y, reference.forward(x)[0], np.float64)
+
+
+def test_unknown_chunk_sizes_are_handled():
+    x = data((60, 3), np.float64)
+    keep = x[:, 0] > np.median(x[:, 0])
+    lazy_x = da.from_array(x, chunks=(7, 3))
+    lazy_x = lazy_x[da.from_array(keep, chunks=7)]
+    assert np.isnan(lazy_x.shape[0])
+    y, mean, invstd = nd.batch_norm_forward(lazy_x)
+    dy = da.ones_like(lazy_x)  # shares the unknown chunks
+    dx, dgamma, dbeta = nd.batch_norm_backward(dy * lazy_x, lazy_x, mean, invstd)
+    y, dx, dgamma, dbeta = compute(y, dx, dgamma, dbeta)
+    kept = x[keep]
+    expected_y, expected_mean, expected_invstd, _, _ = reference.forward(kept)
+    assert_close(y, expected_y, np.float64)
+    for actual, wanted in zip((dx, dgamma, dbeta), reference.backward(kept, kept, expected_mean, expected_invstd)):
+        assert_close(actual, wanted, np.float64)
+
+
+# --- laziness ----------------------------------------------------------------------------
+
+
+def test_nothing_is_computed_until_asked():
+    calls = []
+
+    def load(block):
+        calls.append(block.shape)
+        return block
+
+    x = da.from_array(data((40, 3), np.float32), chunks=(8, 3)).map_blocks(load, meta=np.empty((0, 0), np.float32))
+    y, mean, invstd = nd.batch_norm_forward(x)
+    dx, dgamma, dbeta = nd.batch_norm_backward(y, x, mean, invstd)
+    stats = nd.batch_norm_partial_stats(x)
+    assert calls == []
+    assert all(isinstance(a, da.Array) for a in (y, mean, invstd, dx, dgamma, dbeta, *stats))
+    compute(dx)
+    assert len(calls) > 0
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+def test_a_chunked_feature_axis_is_refused_with_the_fix():
+    x = da.ones((10, 6), chunks=(5, 3))
+    with pytest.raises(ValueError, match=r"feature axis 1.*rechunk"):
+        nd.batch_norm_forward(x)
+    with pytest.raises(ValueError, match="feature axis"):
+        nd.batch_norm_backward(x, x, np.zeros(6), np.ones(6))
+    y, _, _ = nd.batch_norm_forward(x.rechunk({1: -1}))
+    assert y.shape == (10, 6)
+
+
+def test_running_statistics_in_training_are_refused():
+    x = da.ones((10, 2), chunks=(5, 2))
+    with pytest.raises(ValueError, match="running_mean and running_var"):
+        nd.batch_norm_forward(x, running_mean=np.zeros(2), running_var=np.ones(2))
+    with pytest.raises(ValueError, match="running_mean and running_var"):
+        nd.batch_norm_forward(x, training=False)
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda x: nd.batch_norm_forward(x.astype(np.complex128)), TypeError, "x must hold real numbers"),
+        (lambda x: nd.batch_norm_forward(x[:, 0]), ValueError, "at least 2 dimensions"),
+        (lambda x: nd.batch_norm_forward(x, axis=2), AxisError, "axis"),
+        (lambda x: nd.batch_norm_forward(x, axis=1.0), TypeError, "axis must be an integer"),
+        (lambda x: nd.batch_norm_forward(x, np.ones(3)), ValueError, r"gamma must have shape \(2,\)"),
+        (lambda x: nd.batch_norm_forward(x, beta=da.ones(3)), ValueError, r"beta must have shape \(2,\)"),
+        (lambda x: nd.batch_norm_forward(x, eps=-1.0), ValueError, "eps"),
+        (lambda x: nd.batch_norm_forward(x[:1]), ValueError, "more than 1 value per feature"),
+        (lambda x: nd.batch_norm_forward(x, split_every=1), ValueError, "split_every"),
+        (lambda x: nd.batch_norm_partial_stats(x, split_every=2.0), TypeError, "split_every"),
+        (lambda x: nd.batch_norm_backward(x[:5], x, np.zeros(2), np.ones(2)), ValueError, "dy must have the shape"),
+        (lambda x: nd.batch_norm_backward(x, x, np.zeros(3), np.ones(2)), ValueError, r"mean must have shape"),
+        (lambda x: nd.batch_norm_backward(x, x, np.zeros(2), np.ones(3)), ValueError, r"invstd must have shape"),
+    ],
+)
+def test_bad_arguments_raise_naming_the_argument(call, error, message):
+    with pytest.raises(error, match=message):
+        call(da.ones((10, 2), chunks=(5, 2)))
+
+
+# --- a LocalCluster with 2 worker processes ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def client():
+    """Two worker processes on loopback, shared by the module's cluster tests."""
+    with distributed.LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+        worker_dashboard_address=None,
+        silence_logs=logging.ERROR,
+    ) as cluster, distributed.Client(cluster, set_as_default=False) as client:
+        yield client
+
+
+def test_cluster_has_two_worker_processes(client):
+    pids = client.run(os.getpid)
+    assert len(pids) == 2
+    assert len(set(pids.values())) == 2 and os.getpid() not in pids.values()
+
+
+def test_array_100x_larger_than_a_chunk_on_the_cluster(client):
+    dtype = np.float32  # the other dtypes are covered above, on the local scheduler
+    shape, chunks = (101_000, 6), (1_000, 6)
+    x = da.random.default_rng(4).normal(3.0, 2.0, size=shape, chunks=chunks).astype(dtype)
+    x = client.persist(x)
+    with client.as_current():
+        distributed.wait(x)
+    assert x.npartitions >= 100 and x.nbytes >= 100 * x.blocks[0].nbytes
+    holders = {worker for workers in client.who_has(x).values() for worker in workers}
+    assert len(holders) == 2, "the chunks should be spread over both workers"
+    dy = x * 0.5 - 1.0
+    features = shape[1]
+    gamma = np.linspace(0.5, 2.0, features)
+    beta = np.linspace(-1.0, 1.0, features)
+
+    y, mean, invstd = nd.batch_norm_forward(x, gamma, beta, split_every=8)
+    dx, dgamma, dbeta = nd.batch_norm_backward(dy, x, mean, invstd, gamma, split_every=8)
+    futures = client.compute([x, dy, y, mean, invstd, dx, dgamma, dbeta])
+    x, dy, y, mean, invstd, dx, dgamma, dbeta = client.gather(futures)
+    assert y.dtype == dx.dtype == dtype
+
+    expected_y, expected_mean, expected_invstd, _, _ = reference.forward(x, gamma, beta)
+    assert_close(y, expected_y, dtype)
+    np.testing.assert_allclose(mean, expected_mean, rtol=1e-10)
+    np.testing.assert_allclose(invstd, expected_invstd, rtol=1e-10)
+    for actual, wanted in zip((dx, dgamma, dbeta), reference.backward(dy, x, mean, invstd, gamma)):
+        assert_close(actual, wanted, dtype)
+    in_memory_y, _, in_memory_invstd = numbanorm.batch_norm_forward(x, gamma, beta)
+    assert_close(y, in_memory_y, dtype)
+    np.testing.assert_allclose(invstd, in_memory_invstd, rtol=1e-10)
+

@@ -1,0 +1,207 @@
+"""numbanorm.mpi on 2 ranks (the test launches mpiexec) against the float64 reference on the whole batch."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+pytest.importorskip("mpi4py", reason="numbanorm.mpi needs the extra 'mpi'")
+
+import numbanorm  # noqa: E402
+import reference  # noqa: E402
+from strategies import TOLERANCE  # noqa: E402
+
+RANKS = 2
+
+
+def mpiexec():
+    """The mpiexec of this environment (the mpich wheel puts it beside python), else the one on PATH."""
+    here = shutil.which("mpiexec", path=os.path.dirname(sys.executable))
+    return here or shutil.which("mpiexec")
+
+
+def run_ranks(script, tmp_path, *args, timeout=90):
+    """Run ``script`` on RANKS ranks with this interpreter; fail with its output if it fails.
+
+    ``python -m mpi4py`` aborts every rank when one raises, instead of leaving
+    the others waiting in a collective.
+    """
+    launcher = mpiexec()
+    if launcher is None:
+        pytest.skip("mpi4py is installed but no mpiexec was found beside python or on PATH")
+    path = tmp_path / "script.py"
+    path.write_text(textwrap.dedent(script))
+    command = [launcher, "-n", str(RANKS), sys.executable, "-m", "mpi4py", str(path), *map(str, args)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
+    except subprocess.TimeoutExpired as timeout_error:
+        pytest.fail(f"{' '.join(command)} did not finish in {timeout} s (a rank waiting in a collective?):\n"
+                    f"{timeout_error.stdout}\n{timeout_error.stderr}")
+    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def assert_close(actual, expected, dtype):
+    tol = TOLERANCE[np.dtype(dtype)]
+    expected = np.asarray(expected, dtype=np.float64)
+    scale = np.max(np.abs(expected), initial=1.0)
+    np.testing.assert_allclose(np.asarray(actual, dtype=np.float64), expected, rtol=tol, atol=tol * scale)
+
+
+# Global batches, cut along axis 0 into the ranks' parts: unequal parts, an empty rank,
+# channels-last and spatial layouts, each dtype.
+CASES = {
+    "unequal-float32": dict(rows=(7, 3), tail=(5,), axis=1, dtype="float32"),
+    "empty-rank-float64": dict(rows=(6, 0), tail=(3, 2, 2), axis=1, dtype="float64"),
+    "channels-last-float16": dict(rows=(4, 5), tail=(3, 4), axis=-1, dtype="float16"),
+}
+
+
+def global_batch(case, seed):
+    """The same global ``(x, dy, gamma, beta)`` in the test and on every rank."""
+    rng = np.random.default_rng(seed)
+    shape = (sum(case["rows"]), *case["tail"])
+    features = shape[case["axis"]]
+    x = (rng.normal(size=shape) * 3 + rng.uniform(-5, 5, features if case["axis"] == -1 else 1)).astype(case["dtype"])
+    dy = rng.uniform(-1, 1, size=shape).astype(case["dtype"])
+    return x, dy, rng.uniform(0.5, 2, features), rng.uniform(-1, 1, features)
+
+
+FUNCTIONAL_SCRIPT = """
+    import json, sys
+    import numpy as np
+    from mpi4py import MPI
+    import numbanorm.mpi
+
+    out = sys.argv[1]
+    cases = json.loads(sys.argv[2])
+    comm = MPI.COMM_WORLD
+    rank = comm.rank
+
+    def global_batch(name):
+        batch = np.load(f"{out}/{name}.npz")
+        return batch["x"], batch["dy"], batch["gamma"], batch["beta"]
+
+    def part(a, case):
+        start = sum(case["rows"][:rank])
+        return a[start:start + case["rows"][rank]]
+
+    for name, case in cases.items():
+        x, dy, gamma, beta = global_batch(name)
+        features = gamma.shape[0]
+        running_mean, running_var = np.zeros(features, case["dtype"]), np.ones(features, case["dtype"])
+        y, mean, invstd = numbanorm.mpi.batch_norm_forward(
+            part(x, case), gamma, beta, axis=case["axis"], running_mean=running_mean, running_var=running_var,
+            momentum=0.25,
+        )
+        dx, dgamma, dbeta = numbanorm.mpi.batch_norm_backward(
+            part(dy, case), part(x, case), mean, invstd, gamma, axis=case["axis"]
+        )
+        np.savez(f"{out}/{name}-{rank}.npz", y=y, mean=mean, invstd=invstd, dx=dx, dgamma=dgamma, dbeta=dbeta,
+                 running_mean=running_mean, running_var=running_var)
+
+    # Three SGD steps of a SyncBatchNorm layer, each on a new global batch.
+    case = cases["unequal-float32"]
+    layer = numbanorm.mpi.SyncBatchNorm(5, momentum=None)
+    for step in range(3):
+        x, dy, _, _ = global_batch(f"step-{step}")
+        y = layer.forward(part(x, case))
+        dx = layer.backward(part(dy, case))
+        layer.gamma -= 0.5 * layer.dgamma
+        layer.beta -= 0.5 * layer.dbeta
+    np.savez(f"{out}/layer-{rank}.npz", y=y, dx=dx, **layer.state_dict())
+
+    # Errors: a wrong argument on one rank raises on both; so does a global batch too small.
+    errors = {}
+    try:
+        numbanorm.mpi.batch_norm_forward(np.ones((4, 3)), np.ones(3 if rank == 0 else 2))
+    except Exception as error:
+        errors["gamma"] = [type(error).__name__, str(error)]
+    try:
+        numbanorm.mpi.batch_norm_forward(np.ones((4, 3 + rank)))
+    except Exception as error:
+        errors["features"] = [type(error).__name__, str(error)]
+    try:
+        numbanorm.mpi.batch_norm_forward(np.ones((1 - rank, 3)))
+    except Exception as error:
+        errors["count"] = [type(error).__name__, str(error)]
+    with open(f"{out}/errors-{rank}.json", "w") as f:
+        json.dump(errors, f)
+"""
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """One mpiexec run of the script above, on global batches the test wrote; each rank saves its results."""
+    out = tmp_path_factory.mktemp("mpi")
+    for name, case in CASES.items():
+        x, dy, gamma, beta = global_batch(case, 0)
+        np.savez(out / f"{name}.npz", x=x, dy=dy, gamma=gamma, beta=beta)
+    for step in range(3):
+        x, dy, gamma, beta = global_batch(CASES["unequal-float32"], 10 + step)
+        np.savez(out / f"step-{step}.npz", x=x, dy=dy, gamma=gamma, beta=beta)
+    run_ranks(FUNCTIONAL_SCRIPT, out, out, json.dumps(CASES))
+    return out
+
+
+def load(out, name):
+    return [dict(np.load(out / f"{name}-{rank}.npz")) for rank in range(RANKS)]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_forward_and_backward_match_the_whole_batch(results, name):
+    case = CASES[name]
+    ranks = load(results, name)
+    x, dy, gamma, beta = global_batch(case, 0)
+    axis = case["axis"]
+    expected_y, mean, invstd, running_mean, running_var = reference.forward(
+        x, gamma, beta, axis=axis, running_mean=np.zeros(gamma.shape), running_var=np.ones(gamma.shape), momentum=0.25
+    )
+    expected_dx, expected_dgamma, expected_dbeta = reference.backward(dy, x, mean, invstd, gamma, axis=axis)
+    dtype = np.dtype(case["dtype"])
+
+    for rank, saved in enumerate(ranks):
+        assert saved["y"].shape[0] == saved["dx"].shape[0] == case["rows"][rank]
+        assert saved["y"].dtype == saved["dx"].dtype == saved["dgamma"].dtype == dtype
+    assert_close(np.concatenate([r["y"] for r in ranks]), expected_y, dtype)
+    assert_close(np.concatenate([r["dx"] for r in ranks]), expected_dx, dtype)
+    for key, expected in [("mean", mean), ("invstd", invstd)]:
+        np.testing.assert_allclose(ranks[0][key], expected, rtol=1e-10, atol=1e-12)
+    for key, expected in [("dgamma", expected_dgamma), ("dbeta", expected_dbeta),
+                          ("running_mean", running_mean), ("running_var", running_var)]:
+        assert_close(ranks[0][key], expected, dtype)
+    # Identical replicas: what every rank shares agrees bit for bit.
+    for key in ("mean", "invstd", "dgamma", "dbeta", "running_mean", "running_var"):
+        np.testing.assert_array_equal(ranks[0][key], ranks[1][key])
+
+
+def test_sync_layer_trains_like_one_process_on_the_whole_batch(results):
+    case = CASES["unequal-float32"]
+    ranks = load(results, "layer")
+    layer = numbanorm.BatchNorm(5, momentum=None)
+    for step in range(3):
+        x, dy, _, _ = global_batch(case, 10 + step)
+        y = layer.forward(x)
+        dx = layer.backward(dy)
+        layer.gamma -= 0.5 * layer.dgamma
+        layer.beta -= 0.5 * layer.dbeta
+    for key, expected in layer.state_dict().items():
+        np.testing.assert_array_equal(ranks[0][key], ranks[1][key])
+        assert_close(ranks[0][key], expected, np.float32)
+    assert int(ranks[0]["num_batches_tracked"]) == 3
+    assert_close(np.concatenate([r["y"] for r in ranks]), y, np.float32)
+    assert_close(np.concatenate([r["dx"] for r in ranks]), dx, np.float32)
+
+
+def test_an_error_on_one_rank_raises_on_every_rank(results):
+    errors = [json.loads((results / f"errors-{rank}.json").read_text()) for rank in range(RANKS)]
+    assert errors[1]["gamma"][0] == "ValueError" and "gamma must have shape (3,)" in errors[1]["gamma"][1]
+    assert errors[0]["gamma"][0] == "RuntimeError" and "rank 1" in errors[0]["gamma"][1]
+    for rank in range(RANKS):
+        assert errors[rank]["features"][0] == "ValueError" and "same number of features" in errors[rank]["features"][1]
+        assert errors[rank]["count"][0] == "ValueError" and "more than 1 value" in errors[rank]["count"][1]
