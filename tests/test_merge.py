@@ -187,8 +187,10 @@ def test_summed_backward_reductions_give_the_whole_backward(case):
     sum_dy = np.sum([s[0] for s in sums], axis=0)
     sum_dy_xhat = np.sum([s[1] for s in sums], axis=0)
     # float64 sums of float64-converted data: float64 rounding, relative to sum(|terms|).
-    xhat = (x.astype(np.float64) - reference._per_feature(mean, x, axis)) * reference._per_feature(invstd, x, axis)
-    axes = reference._reduced_axes(x, axis)
+    along_features = [1] * x.ndim
+    along_features[axis] = -1
+    xhat = (x.astype(np.float64) - mean.reshape(along_features)) * invstd.reshape(along_features)
+    axes = tuple(i for i in range(x.ndim) if i != axis)
     scale_dy = np.abs(dy.astype(np.float64)).sum(axis=axes)
     scale_dy_xhat = np.abs(dy * xhat).sum(axis=axes)
     np.testing.assert_allclose(sum_dy, expected_dbeta, rtol=0, atol=1e-12 * (1 + scale_dy).max())
