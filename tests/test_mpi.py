@@ -116,6 +116,13 @@ FUNCTIONAL_SCRIPT = """
         layer.beta -= 0.5 * layer.dbeta
     np.savez(f"{out}/layer-{rank}.npz", y=y, dx=dx, **layer.state_dict())
 
+    # Data-parallel training: each rank starts from its own seed (rank 0's weights are broadcast).
+    from numbanorm.mlp import train
+    batch = np.load(f"{out}/digits.npz")
+    model = numbanorm.mpi.DataParallelMLP([6, 8, 7, 3], activation="tanh", seed=rank)
+    history = train(model, batch["x"], batch["labels"], epochs=2, batch_size=13, lr=0.3, seed=5)
+    np.savez(f"{out}/data-parallel-{rank}.npz", train_loss=history["train_loss"], **model.state_dict())
+
     # Errors: a wrong argument on one rank raises on both; so does a global batch too small.
     errors = {}
     try:
@@ -145,6 +152,8 @@ def results(tmp_path_factory):
     for step in range(3):
         x, dy, gamma, beta = global_batch(CASES["unequal-float32"], 10 + step)
         np.savez(out / f"step-{step}.npz", x=x, dy=dy, gamma=gamma, beta=beta)
+    x, _, _, _ = global_batch(dict(rows=(40,), tail=(6,), axis=1, dtype="float32"), 20)
+    np.savez(out / "digits.npz", x=x, labels=np.arange(40) % 3)
     run_ranks(FUNCTIONAL_SCRIPT, out, out, json.dumps(CASES))
     return out
 
@@ -196,6 +205,23 @@ def test_sync_layer_trains_like_one_process_on_the_whole_batch(results):
     assert int(ranks[0]["num_batches_tracked"]) == 3
     assert_close(np.concatenate([r["y"] for r in ranks]), y, np.float32)
     assert_close(np.concatenate([r["dx"] for r in ranks]), dx, np.float32)
+
+
+def test_data_parallel_training_matches_one_process_on_the_whole_batch(results):
+    from numbanorm.mlp import MLP, train
+
+    ranks = load(results, "data-parallel")
+    batch = np.load(results / "digits.npz")
+    model = MLP([6, 8, 7, 3], activation="tanh", seed=0)
+    initial = model.state_dict()
+    history = train(model, batch["x"], batch["labels"], epochs=2, batch_size=13, lr=0.3, seed=5)
+    # 40 rows in batches of 13: 3 steps per epoch on slices of 6 and 7 rows (the single row left over is dropped).
+    for name, expected in model.state_dict().items():
+        np.testing.assert_array_equal(ranks[0][name], ranks[1][name], err_msg=f"replicas differ in {name}")
+        np.testing.assert_allclose(ranks[0][name], expected, rtol=1e-4, atol=1e-5, err_msg=name)
+        if name.endswith("weight"):
+            assert not np.allclose(ranks[0][name], initial[name]), f"{name} did not train"
+    np.testing.assert_allclose(ranks[0]["train_loss"], history["train_loss"], rtol=1e-5)
 
 
 def test_an_error_on_one_rank_raises_on_every_rank(results):

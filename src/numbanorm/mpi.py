@@ -38,6 +38,7 @@ from mpi4py import MPI
 from . import api
 from .api import _number
 from .layer import BatchNorm
+from .mlp import MLP, softmax_cross_entropy
 
 __all__ = [
     "allgather_checked",
@@ -46,6 +47,7 @@ __all__ = [
     "batch_norm_forward",
     "batch_norm_backward",
     "SyncBatchNorm",
+    "DataParallelMLP",
 ]
 
 
@@ -305,6 +307,23 @@ class SyncBatchNorm(BatchNorm):
         super().__init__(num_features, **kwargs)
         self.comm = _communicator(comm)
 
+    @classmethod
+    def from_batch_norm(cls, layer, comm=None):
+        """A synchronized copy of the :class:`numbanorm.BatchNorm` ``layer``: same options and state."""
+        sync = cls(
+            layer.num_features,
+            comm=comm,
+            axis=layer.axis,
+            eps=layer.eps,
+            momentum=layer.momentum,
+            affine=layer.affine,
+            track_running_stats=layer.track_running_stats,
+            dtype=layer.dtype,
+        )
+        sync.load_state_dict(layer.state_dict())
+        sync.training = layer.training
+        return sync
+
     def __repr__(self):
         return "Sync" + super().__repr__()
 
@@ -344,3 +363,64 @@ class SyncBatchNorm(BatchNorm):
         self.dgamma = dgamma.astype(self.dtype, copy=False)
         self.dbeta = dbeta.astype(self.dtype, copy=False)
         return dx
+
+
+class DataParallelMLP(MLP):
+    """:class:`numbanorm.mlp.MLP` trained data-parallel: each rank of ``comm`` takes a slice of every batch.
+
+    Every rank holds a replica (rank 0's initial weights, broadcast) and is
+    given the same global batch; :meth:`loss_and_grads` runs the forward and
+    backward on this rank's contiguous slice of it, with :class:`SyncBatchNorm`
+    in place of every BatchNorm, and sums the other layers' gradients over the
+    ranks. The loss and every gradient are those of the global batch, the same
+    bits on every rank, so an optimizer step keeps the replicas identical and
+    training follows one process on the whole batch (to float rounding; dropout
+    masks excepted, as each rank draws its own).
+
+    Parameters
+    ----------
+    sizes, *args, **kwargs
+        As :class:`numbanorm.mlp.MLP`.
+    comm : mpi4py.MPI.Comm, optional
+        Default ``MPI.COMM_WORLD``.
+    """
+
+    def __init__(self, sizes, *args, comm=None, **kwargs):
+        super().__init__(sizes, *args, **kwargs)
+        self.comm = _communicator(comm)
+        self.layers = [
+            SyncBatchNorm.from_batch_norm(layer, self.comm) if isinstance(layer, BatchNorm) else layer
+            for layer in self.layers
+        ]
+        # Identical replicas from the start, even when the ranks' seeds differ (or are None).
+        self.load_state_dict(self.comm.bcast(self.state_dict(), root=0))
+
+    def local_rows(self, n):
+        """The rows of a global batch of ``n`` that this rank trains on: a contiguous slice."""
+        return slice(self.comm.rank * n // self.comm.size, (self.comm.rank + 1) * n // self.comm.size)
+
+    def loss_and_grads(self, x, labels):
+        """Mean cross-entropy of the global batch ``x`` and its gradients, computed on this rank's slice.
+
+        Every rank must call it together, with the same ``x`` and ``labels``.
+        """
+        x = self._input(x)
+        labels = self._labels(labels, len(x))
+        rows = self.local_rows(len(x))
+        logits = self.forward(x[rows], training=True)
+        local = len(logits)
+        if local:
+            loss, dlogits = softmax_cross_entropy(logits, labels[rows])
+        else:
+            loss, dlogits = 0.0, np.zeros_like(logits)
+        # The gradient of the global mean: this slice's mean weighted by its share of the batch.
+        dlogits *= local / len(x)
+        self.backward(dlogits)
+        # SyncBatchNorm's gradients are already the global batch's; the others are this slice's.
+        grads, local_grads = {}, {}
+        for i, layer in enumerate(self.layers):
+            for name, grad in layer.gradients().items():
+                (grads if isinstance(layer, SyncBatchNorm) else local_grads)[f"{i}.{name}"] = grad
+        *sums, loss_sum = allreduce_sum([*local_grads.values(), np.float64(loss * local)], self.comm)
+        grads.update(zip(local_grads, sums))
+        return float(loss_sum) / len(x), grads
