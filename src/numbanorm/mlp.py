@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 
-def _positive_int(value, name, minimum=1):
+def _integer(value, name, minimum=1):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {value!r}")
     if value < minimum:
@@ -340,7 +340,7 @@ class MLP:
     def __init__(
         self, sizes, activation="relu", batch_norm=True, seed=0, dtype=np.float32, bn_position="before", dropout=0.0
     ):
-        sizes = [_positive_int(size, f"sizes[{i}]") for i, size in enumerate(sizes)]
+        sizes = [_integer(size, f"sizes[{i}]") for i, size in enumerate(sizes)]
         if len(sizes) < 2:
             raise ValueError(f"sizes must list at least the input and output sizes, got {sizes}")
         if activation not in ACTIVATIONS:
@@ -353,15 +353,9 @@ class MLP:
         dtype = np.dtype(dtype)
         if dtype.kind != "f" or dtype.itemsize < 4:
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-        self.config = dict(
-            sizes=sizes,
-            activation=activation,
-            batch_norm=bool(batch_norm),
-            seed=seed,
-            dtype=dtype.name,
-            bn_position=bn_position,
-            dropout=dropout,
-        )
+        seed = None if seed is None else _integer(seed, "seed", 0)
+        self.config = dict(sizes=sizes, activation=activation, batch_norm=bool(batch_norm), seed=seed,
+                           dtype=dtype.name, bn_position=bn_position, dropout=dropout)
         self.dtype = dtype
         rng = np.random.default_rng(seed)
         self.layers = []
@@ -375,8 +369,9 @@ class MLP:
         self.layers.append(Linear(sizes[-2], sizes[-1], rng=rng, dtype=dtype))
 
     def __repr__(self):
-        names = ", ".join(f"BatchNorm({layer.num_features})" if isinstance(layer, BatchNorm) else repr(layer) for layer in self.layers)
-        return f"MLP({names})"
+        # BatchNorm's own repr lists every option; the size says enough here.
+        names = [f"BatchNorm({x.num_features})" if isinstance(x, BatchNorm) else repr(x) for x in self.layers]
+        return f"MLP({', '.join(names)})"
 
     def _input(self, x):
         x = np.asarray(x, dtype=self.dtype)
@@ -458,13 +453,16 @@ class MLP:
         expected = self.state_dict()
         missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
         if missing or unexpected:
-            raise KeyError(f"state must have the keys of state_dict(); missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+            raise KeyError(
+                f"state must have the keys of state_dict(); missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+            )
         arrays = {name: np.asarray(state[name]) for name in expected}
         for name, value in arrays.items():
             if value.shape != expected[name].shape:
                 raise ValueError(f"state[{name!r}] must have shape {expected[name].shape}, got {value.shape}")
         for i, layer in enumerate(self.layers):
-            layer.load_state_dict({name.split(".", 1)[1]: v for name, v in arrays.items() if name.split(".")[0] == str(i)})
+            prefix = f"{i}."
+            layer.load_state_dict({name[len(prefix) :]: v for name, v in arrays.items() if name.startswith(prefix)})
 
     def save(self, path):
         """Write the configuration and :meth:`state_dict` to ``path`` as .npz (the name is used as given)."""
@@ -495,21 +493,8 @@ def batches(n, batch_size, rng):
             yield batch
 
 
-def train(
-    model,
-    X,
-    y,
-    *,
-    epochs,
-    batch_size,
-    lr,
-    optimizer="sgd",
-    momentum=0.0,
-    X_test=None,
-    y_test=None,
-    seed=0,
-    progress=False,
-):
+def train(model, X, y, *, epochs, batch_size, lr, optimizer="sgd", momentum=0.0, X_test=None, y_test=None, seed=0,
+          progress=False):
     """Train ``model`` by minibatch gradient descent on the softmax cross-entropy.
 
     Parameters
@@ -527,21 +512,22 @@ def train(
         When given, the test accuracy is measured after every epoch.
     seed : int, default 0
         Seeds the shuffling.
-    progress : bool, default False
-        Show a tqdm progress bar (only on a terminal).
+    progress : bool or str, default False
+        Show a tqdm progress bar (only on a terminal); a string labels it.
 
     Returns
     -------
     history : dict
         ``train_loss`` (mean over each epoch), ``epoch_test_accuracy`` (empty
         without test data), ``test_accuracy`` (the last, or None), ``epoch_seconds``
-        and ``seconds`` (wall time of the whole loop).
+        and ``seconds``: wall time of the loop, which excludes loading the Numba
+        kernels (compiled on first use per dtype, or read from the on-disk cache).
     """
     X = model._input(X)
     y = model._labels(y, len(X))
-    epochs = _positive_int(epochs, "epochs")
+    epochs = _integer(epochs, "epochs")
     has_batch_norm = any(isinstance(layer, BatchNorm) for layer in model.layers)
-    batch_size = _positive_int(batch_size, "batch_size", 2 if has_batch_norm else 1)
+    batch_size = _integer(batch_size, "batch_size", 2 if has_batch_norm else 1)
     if (X_test is None) != (y_test is None):
         raise ValueError("X_test and y_test must be given together, or neither")
     if X_test is not None:
@@ -550,7 +536,9 @@ def train(
     opt = _make_optimizer(optimizer, model.parameters(), lr, momentum)
     rng = np.random.default_rng(seed)
     history = {"train_loss": [], "epoch_test_accuracy": [], "epoch_seconds": []}
-    bar = _progress_bar(epochs) if progress else None
+    if has_batch_norm:
+        _load_kernels(model.dtype)
+    bar = _progress_bar(epochs, progress if isinstance(progress, str) else None) if progress else None
     start = time.perf_counter()
     for _ in range(epochs):
         total, count = 0.0, 0
@@ -573,11 +561,20 @@ def train(
     return history
 
 
-def _progress_bar(epochs):
+def _load_kernels(dtype):
+    """Run the BatchNorm kernels once on a scratch layer: compiling them, or reading them
+    from Numba's on-disk cache, happens once per process and is not training time."""
+    scratch = BatchNorm(1, dtype=dtype)
+    x = np.zeros((2, 1), dtype)
+    scratch.backward(scratch.forward(x))
+    scratch.forward(x, training=False)
+
+
+def _progress_bar(epochs, label):
     from tqdm.auto import tqdm
 
     # disable=None: hidden when stderr is not a terminal.
-    return tqdm(total=epochs, unit="epoch", disable=None, file=sys.stderr)
+    return tqdm(total=epochs, desc=label, unit="epoch", disable=None, file=sys.stderr)
 
 
 # --- data, plots and PyTorch -----------------------------------------------------------
@@ -641,11 +638,16 @@ def to_torch(model):
     """
     import torch
 
-    modules = {Linear: lambda layer: torch.nn.Linear(*layer.weight.shape[::-1])}
-    modules.update({ReLU: lambda _: torch.nn.ReLU(), Sigmoid: lambda _: torch.nn.Sigmoid(), Tanh: lambda _: torch.nn.Tanh()})
-    modules[Dropout] = lambda layer: torch.nn.Dropout(layer.p)
-    modules[BatchNorm] = lambda layer: torch.nn.BatchNorm1d(layer.num_features, eps=layer.eps, momentum=layer.momentum)
-    sequential = torch.nn.Sequential(*(modules[type(layer)](layer) for layer in model.layers))
+    def module(layer):
+        if isinstance(layer, Linear):
+            return torch.nn.Linear(*layer.weight.shape[::-1])
+        if isinstance(layer, BatchNorm):
+            return torch.nn.BatchNorm1d(layer.num_features, eps=layer.eps, momentum=layer.momentum)
+        if isinstance(layer, Dropout):
+            return torch.nn.Dropout(layer.p)
+        return getattr(torch.nn, type(layer).__name__)()  # ReLU, Sigmoid and Tanh share PyTorch's names
+
+    sequential = torch.nn.Sequential(*map(module, model.layers))
     sequential.to(getattr(torch, model.dtype.name))
     sequential.load_state_dict({name: torch.from_numpy(np.asarray(v)) for name, v in model.state_dict().items()})
     return sequential
@@ -669,6 +671,7 @@ def _flag_type(convert, check, requirement):
 
 def _parser():
     positive_int = _flag_type(int, lambda v: v >= 1, "a positive integer")
+    probability = _flag_type(float, lambda v: 0 <= v < 1, "in [0, 1)")
     parser = argparse.ArgumentParser(
         prog="numbanorm-train",
         description="Train a multilayer perceptron on scikit-learn's bundled digits (75/25 stratified split), "
@@ -676,23 +679,32 @@ def _parser():
         "batch normalization: 3 hidden layers of 100 sigmoid units, SGD with lr 0.1, batches of 60, 30 epochs.",
     )
     add = parser.add_argument
-    add("--hidden", nargs="+", type=positive_int, default=[100, 100, 100], metavar="SIZE", help="hidden layer sizes (default: 100 100 100)")
+    add("--hidden", nargs="+", type=positive_int, default=[100, 100, 100], metavar="SIZE",
+        help="hidden layer sizes (default: 100 100 100)")
     add("--activation", choices=tuple(ACTIVATIONS), default="sigmoid", help="hidden activation (default: sigmoid)")
     add("--epochs", type=positive_int, default=30, help="training epochs (default: 30)")
-    add("--lr", type=_flag_type(float, lambda v: 0 < v < math.inf, "a positive number"), help="learning rate (default: 0.1 with sgd, 0.001 with adam)")
-    add("--momentum", type=_flag_type(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.0, help="SGD momentum (default: 0)")
-    add("--batch-size", type=_flag_type(int, lambda v: v >= 2, "an integer of at least 2"), default=60, help="minibatch size (default: 60)")
-    add("--seed", type=int, default=0, help="seeds the split, the initial weights, shuffling and dropout (default: 0)")
+    add("--lr", type=_flag_type(float, lambda v: 0 < v < math.inf, "a positive number"),
+        help="learning rate (default: 0.1 with sgd, 0.001 with adam)")
+    add("--momentum", type=probability, default=0.0, help="SGD momentum (default: 0)")
+    add("--batch-size", type=_flag_type(int, lambda v: v >= 2, "an integer of at least 2"), default=60,
+        help="minibatch size (default: 60)")
+    add("--seed", type=_flag_type(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"), default=0,
+        help="seeds the split, the initial weights, shuffling and dropout (default: 0)")
     add("--optimizer", choices=OPTIMIZERS, default="sgd", help="(default: sgd)")
     add("--no-batch-norm", action="store_true", help="train without batch normalization")
-    add("--bn-position", choices=("before", "after"), default="before", help="batch normalization before or after the activation (default: before)")
-    add("--dropout", type=_flag_type(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.0, metavar="P", help="dropout probability after each hidden block (default: 0, none)")
-    add("--compare", action="store_true", help="train with and without batch normalization from the same seed; plot and report both")
-    add("--json", metavar="PATH", help="write test_accuracy, epoch_test_accuracy, train_loss and seconds (training wall time) as JSON")
+    add("--bn-position", choices=("before", "after"), default="before",
+        help="batch normalization before or after the activation (default: before)")
+    add("--dropout", type=probability, default=0.0, metavar="P",
+        help="dropout probability after each hidden block (default: 0, none)")
+    add("--compare", action="store_true",
+        help="train with and without batch normalization from the same seed; plot and report both")
+    add("--json", metavar="PATH",
+        help="write test_accuracy, epoch_test_accuracy, train_loss and seconds (training wall time) as JSON")
     add("--plot", metavar="PATH", help="draw test accuracy and training loss per epoch (PNG)")
     add("--save", metavar="PATH", help="save the trained model (.npz; MLP.load reads it)")
-    add("--threads", type=positive_int, metavar="N", help="threads for Numba and NumPy's BLAS (default: their own); "
-        "1 is fastest for these small batches on a busy machine")
+    add("--threads", type=positive_int, default=1, metavar="N",
+        help="threads for Numba and NumPy's BLAS during training (default: 1: batches this small gain nothing "
+        "from more, and on a busy machine waiting threads make training many times slower)")
     add("--quiet", action="store_true", help="no progress bar and no summary")
     return parser
 
@@ -708,8 +720,9 @@ def main(argv=None):
     if args.optimizer == "adam" and args.momentum:
         parser.error("--momentum applies to --optimizer sgd only")
     lr = args.lr if args.lr is not None else {"sgd": 0.1, "adam": 0.001}[args.optimizer]
-    if args.threads and args.threads > numba.config.NUMBA_NUM_THREADS:
-        parser.error(f"--threads: must be at most {numba.config.NUMBA_NUM_THREADS} (NUMBA_NUM_THREADS), got {args.threads}")
+    if args.threads > numba.config.NUMBA_NUM_THREADS:
+        limit = numba.config.NUMBA_NUM_THREADS
+        parser.error(f"--threads: must be at most {limit} (NUMBA_NUM_THREADS), got {args.threads}")
     with _threads(args.threads):
         _run(args, lr)
     return 0
@@ -717,10 +730,7 @@ def main(argv=None):
 
 @contextlib.contextmanager
 def _threads(count):
-    """Numba and the BLAS limited to ``count`` threads (unchanged when None) while in the block."""
-    if not count:
-        yield
-        return
+    """Numba and the BLAS limited to ``count`` threads while in the block."""
     from threadpoolctl import threadpool_limits
 
     before = numba.get_num_threads()
@@ -742,31 +752,15 @@ def _run(args, lr):
         runs = {"with batch norm" if not args.no_batch_norm else "without batch norm": not args.no_batch_norm}
     histories = {}
     for label, batch_norm in runs.items():
-        model = MLP(
-            sizes,
-            activation=args.activation,
-            batch_norm=batch_norm,
-            seed=args.seed,
-            bn_position=args.bn_position,
-            dropout=args.dropout,
-        )
-        history = train(
-            model,
-            X_train,
-            y_train,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=lr,
-            optimizer=args.optimizer,
-            momentum=args.momentum,
-            X_test=X_test,
-            y_test=y_test,
-            seed=args.seed,
-            progress=not args.quiet,
-        )
+        model = MLP(sizes, activation=args.activation, batch_norm=batch_norm, seed=args.seed,
+                    bn_position=args.bn_position, dropout=args.dropout)
+        history = train(model, X_train, y_train, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
+                        optimizer=args.optimizer, momentum=args.momentum, X_test=X_test, y_test=y_test,
+                        seed=args.seed, progress=False if args.quiet else label)
         histories[label] = history
         if not args.quiet:
-            print(f"{label}: test accuracy {history['test_accuracy']:.4f} after {args.epochs} epochs, trained in {history['seconds']:.2f} s")
+            accuracy, seconds = history["test_accuracy"], history["seconds"]
+            print(f"{label}: test accuracy {accuracy:.4f} after {args.epochs} epochs, trained in {seconds:.2f} s")
 
     if args.save:
         model.save(args.save)
