@@ -522,12 +522,31 @@ def train(model, X, y, *, epochs, batch_size, lr, optimizer="sgd", momentum=0.0,
         without test data), ``test_accuracy`` (the last, or None), ``epoch_seconds``
         and ``seconds``: wall time of the loop, which excludes loading the Numba
         kernels (compiled on first use per dtype, or read from the on-disk cache).
+
+    Raises
+    ------
+    TypeError, ValueError
+        For an invalid argument, named in the message.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numbanorm.mlp import MLP, train
+    >>> rng = np.random.default_rng(0)
+    >>> X, y = rng.normal(size=(100, 4)), rng.integers(0, 3, 100)
+    >>> history = train(MLP([4, 16, 3]), X, y, epochs=5, batch_size=20, lr=0.1, X_test=X, y_test=y)
+    >>> len(history["train_loss"]), 0 <= history["test_accuracy"] <= 1
+    (5, True)
     """
     X = model._input(X)
     y = model._labels(y, len(X))
     epochs = _integer(epochs, "epochs")
     has_batch_norm = any(isinstance(layer, BatchNorm) for layer in model.layers)
-    batch_size = _integer(batch_size, "batch_size", 2 if has_batch_norm else 1)
+    # Batch normalization needs two samples in a batch to have a variance.
+    smallest = 2 if has_batch_norm else 1
+    batch_size = _integer(batch_size, "batch_size", smallest)
+    if len(X) < smallest:
+        raise ValueError(f"X must have at least {smallest} rows to train on, got {len(X)}")
     if (X_test is None) != (y_test is None):
         raise ValueError("X_test and y_test must be given together, or neither")
     if X_test is not None:
@@ -551,8 +570,10 @@ def train(model, X, y, *, epochs, batch_size, lr, optimizer="sgd", momentum=0.0,
             history["epoch_test_accuracy"].append(model.score(X_test, y_test))
         history["epoch_seconds"].append(time.perf_counter() - start)
         if bar is not None:
-            accuracy = history["epoch_test_accuracy"][-1:]
-            bar.set_postfix(loss=f"{total / count:.4f}", **({"test_acc": f"{accuracy[0]:.4f}"} if accuracy else {}))
+            postfix = {"loss": f"{total / count:.4f}"}
+            if X_test is not None:
+                postfix["test_acc"] = f"{history['epoch_test_accuracy'][-1]:.4f}"
+            bar.set_postfix(postfix)
             bar.update()
     if bar is not None:
         bar.close()
