@@ -25,8 +25,8 @@ def mpiexec():
     return here or shutil.which("mpiexec")
 
 
-def run_ranks(script, tmp_path, *args, timeout=90):
-    """Run ``script`` on RANKS ranks with this interpreter; fail with its output if it fails.
+def run_ranks(program, cwd, timeout=90):
+    """Run ``python -m mpi4py *program`` on RANKS ranks; fail with its output if it fails.
 
     ``python -m mpi4py`` aborts every rank when one raises, instead of leaving
     the others waiting in a collective.
@@ -34,11 +34,9 @@ def run_ranks(script, tmp_path, *args, timeout=90):
     launcher = mpiexec()
     if launcher is None:
         pytest.skip("mpi4py is installed but no mpiexec was found beside python or on PATH")
-    path = tmp_path / "script.py"
-    path.write_text(textwrap.dedent(script))
-    command = [launcher, "-n", str(RANKS), sys.executable, "-m", "mpi4py", str(path), *map(str, args)]
+    command = [launcher, "-n", str(RANKS), sys.executable, "-m", "mpi4py", *map(str, program)]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     except subprocess.TimeoutExpired as timeout_error:
         pytest.fail(f"{' '.join(command)} did not finish in {timeout} s (a rank waiting in a collective?):\n"
                     f"{timeout_error.stdout}\n{timeout_error.stderr}")
@@ -154,7 +152,9 @@ def results(tmp_path_factory):
         np.savez(out / f"step-{step}.npz", x=x, dy=dy, gamma=gamma, beta=beta)
     x, _, _, _ = global_batch(dict(rows=(40,), tail=(6,), axis=1, dtype="float32"), 20)
     np.savez(out / "digits.npz", x=x, labels=np.arange(40) % 3)
-    run_ranks(FUNCTIONAL_SCRIPT, out, out, json.dumps(CASES))
+    script = out / "script.py"
+    script.write_text(textwrap.dedent(FUNCTIONAL_SCRIPT))
+    run_ranks([script, out, json.dumps(CASES)], out)
     return out
 
 
@@ -231,3 +231,63 @@ def test_an_error_on_one_rank_raises_on_every_rank(results):
     for rank in range(RANKS):
         assert errors[rank]["features"][0] == "ValueError" and "same number of features" in errors[rank]["features"][1]
         assert errors[rank]["count"][0] == "ValueError" and "more than 1 value" in errors[rank]["count"][1]
+
+
+TRAINER_SCRIPT = """
+    import json, sys
+    from mpi4py import MPI
+    import numbanorm.mlp, numbanorm.mpi
+
+    # Record the rows each rank trains on, then run the command line as python -m numbanorm.mlp does.
+    rows = []
+    forward = numbanorm.mpi.DataParallelMLP.forward
+
+    def counting_forward(self, x, training=True):
+        if training:
+            rows.append(len(x))
+        return forward(self, x, training)
+
+    numbanorm.mpi.DataParallelMLP.forward = counting_forward
+    status = numbanorm.mlp.main(sys.argv[1:])
+    with open(f"rows-{MPI.COMM_WORLD.rank}.json", "w") as f:
+        json.dump(rows, f)
+    sys.exit(status)
+"""
+
+
+def test_trainer_command_line_with_mpi_matches_one_process(tmp_path):
+    pytest.importorskip("sklearn", reason="the trainer's data need the extra 'mlp'")
+    from numbanorm.mlp import MLP, main
+
+    options = ["--epochs", "1", "--hidden", "16", "16", "--batch-size", "50", "--quiet"]
+    script = tmp_path / "trainer.py"
+    script.write_text(textwrap.dedent(TRAINER_SCRIPT))
+    done = run_ranks([script, "--mpi", *options, "--save", "data-parallel.npz", "--json", "data-parallel.json"],
+                     tmp_path)
+    assert done.stdout == ""
+    # Only rank 0 writes the model and the JSON.
+    assert {"data-parallel.json", "data-parallel.npz"} <= {p.name for p in tmp_path.iterdir()}
+    assert main([*options, "--save", str(tmp_path / "one-process.npz")]) == 0
+
+    # 1347 training digits in batches of 50: 27 steps, each batch split in halves over the ranks.
+    rows = [json.loads((tmp_path / f"rows-{rank}.json").read_text()) for rank in range(RANKS)]
+    assert len(rows[0]) == len(rows[1]) == 27
+    assert sum(rows[0]) + sum(rows[1]) == 1347
+    assert all(abs(a - b) <= 1 for a, b in zip(*rows))
+
+    data_parallel, one_process = MLP.load(tmp_path / "data-parallel.npz"), MLP.load(tmp_path / "one-process.npz")
+    for name, expected in one_process.state_dict().items():
+        np.testing.assert_allclose(data_parallel.state_dict()[name], expected, rtol=1e-4, atol=1e-5, err_msg=name)
+    assert int(data_parallel.state_dict()["1.num_batches_tracked"]) == 27
+    history = json.loads((tmp_path / "data-parallel.json").read_text())
+    assert history["config"]["mpi"] is True and 0 < history["test_accuracy"] <= 1
+
+
+def test_mpi_flag_without_mpi4py_says_what_to_install(monkeypatch, capsys):
+    from numbanorm.mlp import main
+
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # as if it were not installed
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--mpi", "--epochs", "1"])
+    assert exit_info.value.code == 2
+    assert "numbanorm[mpi]" in capsys.readouterr().err

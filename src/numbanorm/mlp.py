@@ -727,6 +727,9 @@ def _parser():
         help="threads for Numba and NumPy's BLAS during training (default: 1: batches this small gain nothing "
         "from more, and on a busy machine waiting threads make training many times slower)")
     add("--quiet", action="store_true", help="no progress bar and no summary")
+    add("--mpi", action="store_true",
+        help="data-parallel training: run under mpiexec, each rank trains on its slice of every batch with "
+        "synchronized batch norm (numbanorm.mpi; needs the extra mpi); rank 0 reports and writes files")
     return parser
 
 
@@ -744,6 +747,13 @@ def main(argv=None):
     if args.threads > numba.config.NUMBA_NUM_THREADS:
         limit = numba.config.NUMBA_NUM_THREADS
         parser.error(f"--threads: must be at most {limit} (NUMBA_NUM_THREADS), got {args.threads}")
+    if args.mpi:
+        try:
+            from mpi4py import MPI
+        except ImportError:
+            parser.error("--mpi needs mpi4py and an MPI: pip install 'numbanorm[mpi]'")
+        if MPI.COMM_WORLD.rank:  # every rank trains the same replica; one reports
+            args.quiet, args.save, args.json, args.plot = True, None, None, None
     with _threads(args.threads):
         _run(args, lr)
     return 0
@@ -771,9 +781,12 @@ def _run(args, lr):
         runs = {"with batch norm": True, "without batch norm": False}
     else:
         runs = {"with batch norm" if not args.no_batch_norm else "without batch norm": not args.no_batch_norm}
+    network = MLP
+    if args.mpi:
+        from .mpi import DataParallelMLP as network
     histories = {}
     for label, batch_norm in runs.items():
-        model = MLP(sizes, activation=args.activation, batch_norm=batch_norm, seed=args.seed,
+        model = network(sizes, activation=args.activation, batch_norm=batch_norm, seed=args.seed,
                     bn_position=args.bn_position, dropout=args.dropout)
         history = train(model, X_train, y_train, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
                         optimizer=args.optimizer, momentum=args.momentum, X_test=X_test, y_test=y_test,
