@@ -1,0 +1,80 @@
+"""asv: time and peak memory of each operation, per shape, dtype and library.
+
+Every parameter combination runs in its own process; ``setup`` allocates the
+arrays and makes the first (compiling) call, so the timed code is the call alone.
+``peakmem_`` is the whole process's peak, setup's arrays included: compare it
+across libraries at the same shape and dtype.
+"""
+
+from ._cases import CASES, DTYPES, LIBRARIES, Data, prepare
+
+try:  # Once here, in asv's fork server, rather than in each benchmark's process (see asv.conf.json).
+    import torch  # noqa: F401
+except ImportError:
+    pass  # the torch benchmarks skip, from setup
+
+
+class _Operation:
+    params = (list(CASES), list(DTYPES), list(LIBRARIES))
+    param_names = ("shape", "dtype", "library")
+    op = None
+    # One round and at most a few seconds of samples per combination keep the
+    # grid (240 combinations, each its own process) affordable on 2 cores.
+    rounds = 1
+    repeat = (1, 10, 5.0)
+    timeout = 300
+
+    def setup(self, shape, dtype, library):
+        self.call = prepare(self.op, library, Data(shape, dtype))
+
+
+class TimeForwardTrain(_Operation):
+    op = "forward_train"
+
+    def time_forward_train(self, shape, dtype, library):
+        self.call.run()
+
+    def peakmem_forward_train(self, shape, dtype, library):
+        self.call.run()
+
+
+class TimeForwardInfer(_Operation):
+    op = "forward_infer"
+
+    def time_forward_infer(self, shape, dtype, library):
+        self.call.run()
+
+    def peakmem_forward_infer(self, shape, dtype, library):
+        self.call.run()
+
+
+class TimeBackward(_Operation):
+    op = "backward"
+
+    def time_backward(self, shape, dtype, library):
+        self.call.run()
+
+    def peakmem_backward(self, shape, dtype, library):
+        self.call.run()
+
+
+class TimeStats(_Operation):
+    op = "stats"
+
+    def time_stats(self, shape, dtype, library):
+        self.call.run()
+
+    def peakmem_stats(self, shape, dtype, library):
+        self.call.run()
+
+
+class TimeBatchNorm(_Operation):
+    """``BatchNorm`` (``torch.nn.BatchNorm1d/2d`` with autograd): a training forward and its backward."""
+
+    op = "layer"
+
+    def time_forward_backward(self, shape, dtype, library):
+        self.call.run()
+
+    def peakmem_forward_backward(self, shape, dtype, library):
+        self.call.run()

@@ -1,0 +1,363 @@
+"""Side-by-side report: numbanorm against PyTorch's CPU batch norm and against a parallel copy.
+
+    python benchmarks/report.py                      # the whole grid, then the cold start
+    python benchmarks/report.py --quick              # fewer, shorter repeats
+    python benchmarks/report.py --shapes 32x64 65536x256 --dtypes float32 --ops backward
+
+Everything is measured in one process and one run. For every operation, shape
+and dtype, each repeat times, one after the other and in a rotating order:
+numbanorm, PyTorch (both with the same number of threads), numbanorm on one
+thread, and two copies of the array (a Numba ``prange`` copy and
+``np.copyto``). The table gives the medians over the repeats. Before any
+timing, numbanorm's results are checked against PyTorch's.
+
+Bandwidth is the least traffic an operation needs (``TRAFFIC``: the training
+forward reads x twice and writes y, 3x the array; the backward 5x; inference
+2x) divided by its time. The copy moves 2x the array; the faster of the two
+copies is the roofline, and "of copy" is numbanorm's bandwidth as a fraction
+of it. "1->N threads" is numbanorm's time on one thread over its time on N.
+
+Markdown goes to stdout, progress to stderr.
+"""
+
+import argparse
+import datetime
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import numba
+import numpy as np
+
+import numbanorm
+
+if __package__:
+    from ._cases import CASES, DTYPES, OPS, TRAFFIC, Data, first_call_script, import_torch, prepare
+else:  # run as a script: benchmarks/ is on sys.path
+    from _cases import CASES, DTYPES, OPS, TRAFFIC, Data, first_call_script, import_torch, prepare
+
+TRAINING_OPS = ("forward_train", "backward")
+DEFAULT_OPS = ("forward_train", "backward", "forward_infer")
+LARGE_BYTES = 8 * 2**20  # the issue's "large arrays": the roofline targets apply from here
+TOLERANCE = {"float32": 1e-4, "float64": 1e-10}  # relative to the norm of PyTorch's result
+
+
+@numba.njit(parallel=True, cache=True)
+def parallel_copy(src, dst, chunks):
+    """``dst[:] = src`` for 1-D arrays, in ``chunks`` contiguous slabs (one per thread)."""
+    n = src.size
+    for t in numba.prange(chunks):
+        for i in range(t * n // chunks, (t + 1) * n // chunks):
+            dst[i] = src[i]
+
+
+# --- measuring -------------------------------------------------------------------------
+
+
+class Contender:
+    """A function to time, the Numba thread count to time it with, and its samples."""
+
+    def __init__(self, name, function, threads):
+        self.name = name
+        self.function = function
+        self.threads = threads
+        self.number = 1
+        self.samples = []
+
+    def sample(self):
+        """Seconds per call, over ``number`` calls in a row."""
+        previous = numba.get_num_threads()
+        numba.set_num_threads(self.threads)
+        try:
+            function = self.function
+            start = time.perf_counter()
+            for _ in range(self.number):
+                function()
+            return (time.perf_counter() - start) / self.number
+        finally:
+            numba.set_num_threads(previous)
+
+    def calibrate(self, sample_seconds):
+        """Choose ``number`` so that one sample lasts about ``sample_seconds``."""
+        self.number = 1
+        while True:
+            seconds = self.sample() * self.number
+            if seconds >= sample_seconds or self.number >= 100_000:
+                return
+            self.number = min(100_000, max(2 * self.number, math.ceil(self.number * sample_seconds / max(seconds, 1e-7))))
+
+    @property
+    def median(self):
+        return statistics.median(self.samples)
+
+
+def interleaved(contenders, repeats, sample_seconds):
+    """Calibrate each contender, then take ``repeats`` rounds of one sample each, rotating the order."""
+    for contender in contenders:
+        contender.calibrate(sample_seconds)
+        contender.samples = []
+    for r in range(repeats):
+        shift = r % len(contenders)
+        for contender in contenders[shift:] + contenders[:shift]:
+            contender.samples.append(contender.sample())
+    return {contender.name: contender.median for contender in contenders}
+
+
+def relative_error(actual, expected):
+    """The largest, over the outputs, of ``|actual - expected| / |expected|`` in the 2-norm."""
+    worst = 0.0
+    for a, e in zip(actual, expected):
+        if a.shape != e.shape:
+            return math.inf
+        worst = max(worst, float(np.linalg.norm(a - e) / max(np.linalg.norm(e), np.finfo(np.float64).tiny)))
+    return worst
+
+
+def measure(args, torch, progress):
+    """One row per (op, shape, dtype), in that order; ``SystemExit`` if numbanorm and PyTorch disagree."""
+    rows = []
+    mismatches = []
+    for case in args.shapes:
+        for dtype in args.dtypes:
+            data = Data(case, dtype)
+            src = data.x.reshape(-1)
+            dst = np.empty_like(src)
+            parallel_copy(src, dst, args.threads)
+            for op in args.ops:
+                progress(f"{op} {case} {dtype}")
+                mine = prepare(op, "numbanorm", data)
+                theirs = prepare(op, "torch", data)
+                error = relative_error(mine.result(), theirs.result())
+                if not error <= TOLERANCE[dtype]:
+                    mismatches.append(f"{op} {case} {dtype}: relative error {error:.2e} > {TOLERANCE[dtype]:.0e}")
+                    continue
+                contenders = [
+                    Contender("numbanorm", mine.run, args.threads),
+                    Contender("torch", theirs.run, args.threads),
+                    Contender("copy_numba", lambda: parallel_copy(src, dst, args.threads), args.threads),
+                    Contender("copy_numpy", lambda: np.copyto(dst, src), args.threads),
+                ]
+                if args.threads > 1:
+                    contenders.append(Contender("numbanorm_1", mine.run, 1))
+                times = interleaved(contenders, args.repeats, args.sample_seconds)
+                del mine, theirs
+                rows.append(dict(op=op, case=case, dtype=dtype, nbytes=data.nbytes, error=error, **times))
+            del data, src, dst
+    if mismatches:
+        raise SystemExit("numbanorm and PyTorch disagree; nothing was timed for:\n  " + "\n  ".join(mismatches))
+    return rows
+
+
+def cold_start(warm_runs, cold_runs, progress):
+    """Medians of (import seconds, first-call seconds) in new processes, with a warm disk cache and with none."""
+
+    def run(cache):
+        out = subprocess.run([sys.executable, "-c", first_call_script(cache)], check=True, capture_output=True, text=True)
+        return tuple(float(v) for v in out.stdout.split())
+
+    progress("cold start: filling the cache")
+    run(True)
+    results = {}
+    for label, cache, runs in (("warm on-disk cache", True, warm_runs), ("no cache (NUMBANORM_CACHE=0)", False, cold_runs)):
+        progress(f"cold start: {label}")
+        samples = [run(cache) for _ in range(runs)]
+        results[label] = (
+            statistics.median(s[0] for s in samples),
+            statistics.median(s[1] for s in samples),
+            statistics.median(s[0] + s[1] for s in samples),
+            runs,
+        )
+    return results
+
+
+# --- printing --------------------------------------------------------------------------
+
+
+def seconds(t):
+    if t >= 1:
+        return f"{t:.2f} s"
+    if t >= 1e-3:
+        return f"{t * 1e3:.3g} ms"
+    return f"{t * 1e6:.3g} µs"
+
+
+def megabytes(nbytes):
+    return f"{nbytes / 2**20:.3g}"
+
+
+def derived(row):
+    """Speedup, bandwidth, roofline and scaling of a measured row."""
+    copy = min(row["copy_numba"], row["copy_numpy"])
+    bandwidth = TRAFFIC[row["op"]] * row["nbytes"] / row["numbanorm"]
+    roofline = 2 * row["nbytes"] / copy
+    return dict(
+        speedup=row["torch"] / row["numbanorm"],
+        bandwidth=bandwidth,
+        roofline=roofline,
+        fraction=bandwidth / roofline,
+        copy_by="numba" if row["copy_numba"] <= row["copy_numpy"] else "numpy",
+        scaling=row["numbanorm_1"] / row["numbanorm"] if "numbanorm_1" in row else None,
+    )
+
+
+def machine(threads, torch):
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    import llvmlite
+
+    return [
+        f"- Date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; numbanorm {numbanorm.__version__} at commit {commit}",
+        f"- CPU: {cpu}, {os.cpu_count()} logical cores ({len(os.sched_getaffinity(0))} usable)",
+        f"- Threads: {threads} for both (Numba threading layer: {numba.threading_layer()}, PyTorch: {torch.get_num_threads()})",
+        f"- Python {platform.python_version()}, NumPy {np.__version__}, Numba {numba.__version__}, "
+        f"llvmlite {llvmlite.__version__}, PyTorch {torch.__version__}",
+    ]
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if h != "shape" else ":---" for h in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return lines
+
+
+def geometric_mean(values):
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else math.nan
+
+
+def render(rows, threads, cold):
+    out = []
+    scaling_header = f"1→{threads} threads"
+    for op in dict.fromkeys(row["op"] for row in rows):
+        out += ["", f"### {op} (traffic {TRAFFIC[op]}x the array)", ""]
+        body = []
+        for row in (r for r in rows if r["op"] == op):
+            d = derived(row)
+            body.append([
+                row["case"], row["dtype"], megabytes(row["nbytes"]), seconds(row["numbanorm"]), seconds(row["torch"]),
+                f"{d['speedup']:.2f}x", f"{d['bandwidth'] / 1e9:.1f}", f"{d['roofline'] / 1e9:.1f} ({d['copy_by']})",
+                f"{d['fraction']:.2f}", "—" if d["scaling"] is None else f"{d['scaling']:.2f}x",
+            ])
+        out += table(
+            ["shape", "dtype", "MB", "numbanorm", "torch", "speedup", "GB/s", "copy GB/s", "of copy", scaling_header], body
+        )
+
+    out += ["", "### Summary", ""]
+    body = []
+    for op in dict.fromkeys(row["op"] for row in rows):
+        mine = [(row, derived(row)) for row in rows if row["op"] == op]
+        large = [d["fraction"] for row, d in mine if row["nbytes"] >= LARGE_BYTES]
+        scaling = [d["scaling"] for _, d in mine if d["scaling"] is not None]
+        body.append([
+            op, f"{geometric_mean(d['speedup'] for _, d in mine):.2f}x", f"{min(d['speedup'] for _, d in mine):.2f}x",
+            sum(d["speedup"] < 1 for _, d in mine), f"{min(large):.2f}" if large else "—",
+            f"{geometric_mean(scaling):.2f}x" if scaling else "—",
+        ])
+    out += table(
+        ["operation", "geomean speedup", "min speedup", "slower than torch", "min of copy (≥ 8 MB)", f"geomean {scaling_header}"],
+        body,
+    )
+
+    misses = []
+    for op in TRAINING_OPS:
+        mine = [(row, derived(row)) for row in rows if row["op"] == op]
+        if not mine:
+            continue
+        mean = geometric_mean(d["speedup"] for _, d in mine)
+        if mean < 1.5:
+            misses.append(f"{op}: geometric-mean speedup {mean:.2f}x < 1.5x")
+        misses += [f"{op} {row['case']} {row['dtype']}: {d['speedup']:.2f}x slower than torch" for row, d in mine if d["speedup"] < 1]
+        misses += [
+            f"{op} {row['case']} {row['dtype']}: {d['fraction']:.2f} of copy < 0.8"
+            for row, d in mine if row["nbytes"] >= LARGE_BYTES and d["fraction"] < 0.8
+        ]
+    for row in (r for r in rows if r["op"] == "forward_infer"):
+        d = derived(row)
+        if d["speedup"] < 1:
+            misses.append(f"forward_infer {row['case']} {row['dtype']}: {d['speedup']:.2f}x slower than torch")
+        if row["nbytes"] >= LARGE_BYTES and d["fraction"] < 1 / 1.1:
+            misses.append(f"forward_infer {row['case']} {row['dtype']}: {1 / d['fraction']:.2f}x the copy's time > 1.1x")
+    if cold:
+        warm = cold["warm on-disk cache"][2]
+        if warm >= 1:
+            misses.append(f"cold start: import + first call with a warm cache {warm:.2f} s ≥ 1 s")
+    out += ["", "### Targets missed", ""]
+    out += [f"- {miss}" for miss in misses] or ["- none"]
+
+    if cold:
+        out += ["", "### Cold start (new process: `import numbanorm`, then a float32 training forward and backward)", ""]
+        out += table(
+            ["disk cache", "import", "first calls", "total", "runs"],
+            [[label, seconds(i), seconds(f), seconds(t), n] for label, (i, f, t, n) in cold.items()],
+        )
+    return out
+
+
+# --- command line ----------------------------------------------------------------------
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="5 shorter repeats and a shorter cold start")
+    parser.add_argument("--shapes", nargs="+", default=list(CASES), choices=list(CASES), metavar="SHAPE",
+                        help=f"from {', '.join(CASES)} (default: all)")
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
+    parser.add_argument("--ops", nargs="+", default=list(DEFAULT_OPS), choices=OPS,
+                        help=f"default: {' '.join(DEFAULT_OPS)}")
+    parser.add_argument("--threads", type=int, default=numba.get_num_threads(),
+                        help="threads for numbanorm and PyTorch (default: Numba's, %(default)s)")
+    parser.add_argument("--repeats", type=int, help="interleaved repeats per row (default 15, 5 with --quick)")
+    parser.add_argument("--no-cold-start", dest="cold_start", action="store_false", help="skip the cold-start processes")
+    args = parser.parse_args(argv)
+    if not 1 <= args.threads <= numba.config.NUMBA_NUM_THREADS:
+        parser.error(f"--threads must be in [1, {numba.config.NUMBA_NUM_THREADS}], got {args.threads}")
+    if args.repeats is None:
+        args.repeats = 5 if args.quick else 15
+    args.sample_seconds = 0.002 if args.quick else 0.01
+    return args
+
+
+def main(argv=None):
+    args = parse(argv)
+    try:
+        torch = import_torch()
+    except NotImplementedError as error:
+        raise SystemExit(f"report.py compares against PyTorch: {error}") from None
+    numba.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    load_before = os.getloadavg()[0]
+
+    def progress(message):
+        print(f"[{time.perf_counter() - started:6.0f} s] {message}", file=sys.stderr, flush=True)
+
+    rows = measure(args, torch, progress)
+    cold = cold_start(3 if args.quick else 5, 1 if args.quick else 2, progress) if args.cold_start else None
+    lines = machine(args.threads, torch)
+    lines.append(
+        f"- Load average (1 min) before and after: {load_before:.2f}, {os.getloadavg()[0]:.2f} "
+        "(anything above 0 is other work sharing the cores)"
+    )
+    command = " ".join(["python benchmarks/report.py", *(sys.argv[1:] if argv is None else argv)])
+    lines.append(f"- Medians of {args.repeats} interleaved repeats; `{command}`")
+    print("\n".join(lines + render(rows, args.threads, cold)))
+    progress("done")
+
+
+if __name__ == "__main__":
+    main()
