@@ -312,7 +312,7 @@ def render(rows, threads, cold):
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="5 shorter repeats and a shorter cold start")
     parser.add_argument("--shapes", nargs="+", default=list(CASES), choices=list(CASES), metavar="SHAPE",
                         help=f"from {', '.join(CASES)} (default: all)")
