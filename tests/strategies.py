@@ -1,0 +1,72 @@
+"""Hypothesis strategies shared by the tests: shapes with a feature axis, dtypes, layouts, values."""
+
+import math
+
+import numpy as np
+from hypothesis import strategies as st
+
+DTYPES = (np.float16, np.float32, np.float64)
+LAYOUTS = ("C", "F", "strided", "reversed", "permuted", "readonly")
+
+
+@st.composite
+def shapes_and_axes(draw, min_dims=2, max_dims=5, min_per_feature=2, max_size=3000):
+    """``(shape, axis)`` with at least ``min_per_feature`` values per feature."""
+    ndim = draw(st.integers(min_dims, max_dims))
+    axis = draw(st.integers(-ndim, ndim - 1))
+    shape = draw(st.lists(st.integers(1, 6), min_size=ndim, max_size=ndim))
+    # Occasionally a long batch axis, as real batches have.
+    batch = 0 if axis % ndim != 0 else 1
+    shape[batch] = draw(st.one_of(st.just(shape[batch]), st.integers(2, 300)))
+    while math.prod(shape) // shape[axis] < min_per_feature:
+        shape[batch] += 1
+    while math.prod(shape) > max_size:
+        largest = max(range(ndim), key=lambda i: shape[i] if i != batch else 0)
+        shape[largest] = max(1, shape[largest] // 2)
+    return tuple(shape), axis
+
+
+@st.composite
+def arrays(draw, shape, dtype, low=-1000.0, high=1000.0):
+    """Values of ``dtype`` in ``[low, high]``, from a seeded generator (fast for large shapes).
+
+    Hypothesis chooses the seed and a per-feature scale pattern; some draws
+    repeat values so that features can be constant or nearly so.
+    """
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    kind = draw(st.sampled_from(["uniform", "normal", "few-values"]))
+    if kind == "uniform":
+        values = rng.uniform(low, high, size=shape)
+    elif kind == "normal":
+        values = np.clip(rng.normal(0.0, (high - low) / 8, size=shape), low, high)
+    else:
+        values = rng.choice(np.linspace(low, high, 5), size=shape)
+    return values.astype(dtype)
+
+
+def with_layout(a, layout):
+    """An array equal to ``a`` in the memory layout named by ``layout`` (one of ``LAYOUTS``)."""
+    if layout == "C":
+        return np.ascontiguousarray(a)
+    if layout == "F":
+        return np.asfortranarray(a)
+    if layout == "strided":
+        padded = np.zeros((2 * a.shape[0],) + a.shape[1:], dtype=a.dtype)
+        padded[::2] = a
+        return padded[::2]
+    if layout == "reversed":
+        return np.ascontiguousarray(a[..., ::-1])[..., ::-1]
+    if layout == "permuted":
+        order = tuple(reversed(range(a.ndim)))[1:] + (a.ndim - 1,)
+        return np.ascontiguousarray(a.transpose(order)).transpose(np.argsort(order))
+    if layout == "readonly":
+        b = a.copy()
+        b.flags.writeable = False
+        return b
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+# Per-dtype tolerance on outputs (relative and absolute, scaled by the result's size):
+# float16 results are float32 computations rounded to float16, the others are float64
+# computations rounded to the output dtype.
+TOLERANCE = {np.dtype(np.float16): 2e-3, np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-9}

@@ -1,0 +1,444 @@
+"""The functional API against the float64 reference, over shapes, dtypes, layouts and values."""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from numpy.exceptions import AxisError
+
+import numbanorm
+import reference
+from strategies import DTYPES, LAYOUTS, TOLERANCE, arrays, shapes_and_axes, with_layout
+
+property_settings = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+
+
+def assert_close(actual, expected, dtype, scale=None):
+    """``actual`` within the tolerance of ``dtype``, relative to ``scale`` (default: the largest |expected|)."""
+    tol = TOLERANCE[np.dtype(dtype)]
+    expected = np.asarray(expected, dtype=np.float64)
+    if scale is None:
+        scale = np.max(np.abs(expected), initial=1.0)
+    np.testing.assert_allclose(np.asarray(actual, dtype=np.float64), expected, rtol=tol, atol=tol * max(scale, 1.0))
+
+
+def per_feature(rng, features, low, high):
+    return rng.uniform(low, high, size=features)
+
+
+@st.composite
+def forward_cases(draw, training=None):
+    shape, axis = draw(shapes_and_axes())
+    dtype = draw(st.sampled_from(DTYPES))
+    bound = 100.0 if dtype == np.float16 else 1000.0  # float16 variances must stay below 65504
+    x = draw(arrays(shape, dtype, -bound, bound))
+    layout = draw(st.sampled_from(LAYOUTS))
+    features = shape[axis]
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    affine = draw(st.booleans())
+    gamma = rng.uniform(-3, 3, features) if affine else None
+    beta = rng.uniform(-3, 3, features) if affine else None
+    training = draw(st.booleans()) if training is None else training
+    return x, with_layout(x, layout), axis, gamma, beta, training, rng
+
+
+# --- equality with the reference ----------------------------------------------------------
+
+
+@property_settings
+@given(forward_cases())
+def test_forward_matches_reference(case):
+    x, x_laid_out, axis, gamma, beta, training, rng = case
+    features = x.shape[axis]
+    running_mean = rng.uniform(-50, 50, features).astype(x.dtype)
+    running_var = rng.uniform(0.5, 1e4, features).astype(x.dtype)
+    before = x_laid_out.copy()
+    rm, rv = running_mean.copy(), running_var.copy()
+
+    y, mean, invstd = numbanorm.batch_norm_forward(
+        x_laid_out, gamma, beta, axis=axis, training=training, running_mean=rm, running_var=rv
+    )
+    ref_y, ref_mean, ref_invstd, ref_rm, ref_rv = reference.forward(
+        x, gamma, beta, axis=axis, training=training, running_mean=running_mean, running_var=running_var
+    )
+
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert mean.dtype == invstd.dtype == np.float64
+    assert_close(y, ref_y, x.dtype)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-9, atol=1e-9 * np.abs(x).max(initial=1))
+    np.testing.assert_allclose(invstd, ref_invstd, rtol=1e-7)
+    assert rm.dtype == rv.dtype == x.dtype
+    assert_close(rm, ref_rm, x.dtype)
+    assert_close(rv, ref_rv, x.dtype)
+    np.testing.assert_array_equal(x_laid_out, before)
+
+
+@property_settings
+@given(forward_cases())
+def test_backward_matches_reference(case):
+    x, x_laid_out, axis, gamma, _, training, rng = case
+    features = x.shape[axis]
+    dy = rng.normal(size=x.shape).astype(x.dtype)
+    if training:
+        mean, var = reference.stats(x, axis)
+    else:
+        mean, var = rng.uniform(-500, 500, features), rng.uniform(0.5, 1e5, features)
+    invstd = 1 / np.sqrt(var + 1e-5)
+    dy_before = dy.copy()
+
+    dx, dgamma, dbeta = numbanorm.batch_norm_backward(dy, x_laid_out, mean, invstd, gamma, axis=axis, training=training)
+    ref_dx, ref_dgamma, ref_dbeta = reference.backward(dy, x, mean, invstd, gamma, axis=axis, training=training)
+
+    assert dx.dtype == dgamma.dtype == dbeta.dtype == x.dtype
+    assert dx.shape == x.shape and dgamma.shape == dbeta.shape == (features,)
+    xhat = (x.astype(np.float64) - reference._per_feature(mean, x, axis)) * reference._per_feature(invstd, x, axis)
+    assert_close(dx, ref_dx, x.dtype, scale=np.abs(ref_dx).max(initial=1) + np.abs(dy).max(initial=1))
+    assert_close(dbeta, ref_dbeta, x.dtype, scale=np.abs(dy.astype(np.float64)).sum())
+    assert_close(dgamma, ref_dgamma, x.dtype, scale=np.abs(dy * xhat).sum())
+    np.testing.assert_array_equal(dy, dy_before)
+
+
+@property_settings
+@given(forward_cases(training=True))
+def test_stats_match_reference(case):
+    x, x_laid_out, axis, *_ = case
+    mean, var = numbanorm.batch_norm_stats(x_laid_out, axis=axis)
+    ref_mean, ref_var = reference.stats(x, axis)
+    scale = np.abs(x.astype(np.float64)).max(initial=1)
+    assert mean.dtype == var.dtype == np.float64
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-9, atol=1e-12 * scale)
+    np.testing.assert_allclose(var, ref_var, rtol=1e-9, atol=1e-12 * scale**2)
+
+
+@property_settings
+@given(forward_cases(), st.booleans())
+def test_out_receives_the_result(case, in_place):
+    x, x_laid_out, axis, gamma, beta, _, _ = case
+    if not x_laid_out.flags.writeable:
+        x_laid_out = x_laid_out.copy()
+    expected, *_ = numbanorm.batch_norm_forward(x_laid_out, gamma, beta, axis=axis)
+    out = x_laid_out if in_place else np.full_like(x_laid_out, np.nan)
+    y, _, _ = numbanorm.batch_norm_forward(x_laid_out, gamma, beta, axis=axis, out=out)
+    assert y is out
+    np.testing.assert_array_equal(out, expected)
+
+
+# --- gradients against finite differences ----------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(shapes_and_axes(max_dims=4, max_size=60), st.booleans(), st.integers(0, 2**32 - 1))
+def test_backward_is_the_gradient_of_forward(shape_axis, training, seed):
+    shape, axis = shape_axis
+    rng = np.random.default_rng(seed)
+    features = shape[axis]
+    x = rng.normal(size=shape) * rng.uniform(0.5, 3) + rng.uniform(-2, 2)
+    gamma, beta = rng.uniform(-2, 2, features), rng.uniform(-2, 2, features)
+    running_mean, running_var = rng.normal(size=features), rng.uniform(0.5, 2, features)
+    weights = rng.normal(size=shape)  # loss = sum(weights * y): dy = weights
+
+    def loss(x, gamma, beta):
+        y, _, _ = numbanorm.batch_norm_forward(
+            x, gamma, beta, axis=axis, eps=1e-3, training=training,
+            running_mean=None if training else running_mean, running_var=None if training else running_var,
+        )
+        return np.sum(weights * y)
+
+    _, mean, invstd = numbanorm.batch_norm_forward(
+        x, gamma, beta, axis=axis, eps=1e-3, training=training,
+        running_mean=None if training else running_mean, running_var=None if training else running_var,
+    )
+    dx, dgamma, dbeta = numbanorm.batch_norm_backward(weights, x, mean, invstd, gamma, axis=axis, training=training)
+
+    def numeric(f, v):
+        grad = np.zeros_like(v)
+        step = 1e-6
+        for i in np.ndindex(v.shape):
+            plus, minus = v.copy(), v.copy()
+            plus[i] += step
+            minus[i] -= step
+            grad[i] = (f(plus) - f(minus)) / (2 * step)
+        return grad
+
+    np.testing.assert_allclose(dx, numeric(lambda v: loss(v, gamma, beta), x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dgamma, numeric(lambda v: loss(x, v, beta), gamma), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dbeta, numeric(lambda v: loss(x, gamma, v), beta), rtol=1e-5, atol=1e-6)
+
+
+# --- invariants ------------------------------------------------------------------------------
+
+
+@property_settings
+@given(forward_cases(training=True))
+def test_training_output_has_mean_beta_and_std_abs_gamma(case):
+    x, x_laid_out, axis, gamma, beta, _, _ = case
+    features = x.shape[axis]
+    gamma = np.ones(features) if gamma is None else gamma
+    beta = np.zeros(features) if beta is None else beta
+    y, _, _ = numbanorm.batch_norm_forward(x_laid_out, gamma, beta, axis=axis, eps=0.0)
+    y = np.moveaxis(y.astype(np.float64), axis, -1).reshape(-1, features)
+    _, var = reference.stats(x, axis)
+    varying = var > 1e-6 * np.abs(x.astype(np.float64)).max() ** 2
+    tol = TOLERANCE[np.dtype(x.dtype)] * 10
+    scale = np.abs(gamma) * np.sqrt(y.shape[0]) + np.abs(beta) + 1
+    np.testing.assert_allclose(y.mean(axis=0)[varying], beta[varying], atol=tol * scale[varying].max(initial=1))
+    np.testing.assert_allclose(y.std(axis=0)[varying], np.abs(gamma)[varying], rtol=tol, atol=tol * scale[varying].max(initial=1))
+
+
+@property_settings
+@given(forward_cases(), st.integers(0, 2**32 - 1))
+def test_permuting_the_batch_permutes_the_output(case, seed):
+    x, _, axis, gamma, beta, training, rng = case
+    batch = 1 if axis % x.ndim == 0 else 0
+    order = np.random.default_rng(seed).permutation(x.shape[batch])
+    features = x.shape[axis]
+    stats = dict(running_mean=rng.normal(size=features), running_var=rng.uniform(1, 2, features)) if not training else {}
+    y, *_ = numbanorm.batch_norm_forward(x, gamma, beta, axis=axis, training=training, **stats)
+    y_permuted, *_ = numbanorm.batch_norm_forward(np.take(x, order, axis=batch), gamma, beta, axis=axis, training=training, **stats)
+    assert_close(y_permuted, np.take(y, order, axis=batch), x.dtype)
+
+
+@property_settings
+@given(forward_cases())
+def test_moving_the_feature_axis_commutes(case):
+    x, x_laid_out, axis, gamma, beta, training, rng = case
+    features = x.shape[axis]
+    stats = dict(running_mean=rng.normal(size=features), running_var=rng.uniform(1, 2, features)) if not training else {}
+    y, mean, invstd = numbanorm.batch_norm_forward(x_laid_out, gamma, beta, axis=axis, training=training, **stats)
+    moved = np.moveaxis(x_laid_out, axis, -1)
+    y_moved, mean_moved, invstd_moved = numbanorm.batch_norm_forward(moved, gamma, beta, axis=-1, training=training, **stats)
+    assert_close(y_moved, np.moveaxis(y, axis, -1), x.dtype)
+    np.testing.assert_allclose(mean_moved, mean, rtol=1e-12, atol=1e-12 * np.abs(x).max(initial=1))
+    np.testing.assert_allclose(invstd_moved, invstd, rtol=1e-9)
+
+
+# --- dtypes and array-likes ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int32, np.int64, np.uint16, np.bool_])
+def test_integer_and_bool_input_is_computed_in_float64(dtype):
+    x = (np.arange(24).reshape(6, 4) % 3).astype(dtype)
+    y, mean, invstd = numbanorm.batch_norm_forward(x)
+    assert y.dtype == np.float64
+    assert_close(y, reference.forward(x)[0], np.float64)
+    dx, dgamma, dbeta = numbanorm.batch_norm_backward(x, x, mean, invstd)
+    assert dx.dtype == dgamma.dtype == dbeta.dtype == np.float64
+
+
+def test_lists_are_accepted():
+    x = [[1.0, 2.0], [3.0, 5.0], [4.0, 1.0]]
+    y, mean, invstd = numbanorm.batch_norm_forward(x, [1.0, 2.0], [0.0, 1.0])
+    assert_close(y, reference.forward(x, [1.0, 2.0], [0.0, 1.0])[0], np.float64)
+    mean_, var_ = numbanorm.batch_norm_stats(x)
+    np.testing.assert_allclose(var_, np.var(x, axis=0))
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.complex128, object, "U3", "datetime64[s]", np.longdouble])
+def test_unsupported_dtypes_raise_type_error(dtype):
+    x = np.ones((4, 3)).astype(dtype) if dtype != "datetime64[s]" else np.zeros((4, 3), dtype=dtype)
+    if np.dtype(dtype) == np.longdouble and np.dtype(np.longdouble).itemsize == 8:
+        pytest.fail("this platform's longdouble is float64: the case is meaningless here")
+    with pytest.raises(TypeError, match="x"):
+        numbanorm.batch_norm_forward(x)
+    with pytest.raises(TypeError, match="x"):
+        numbanorm.batch_norm_stats(x)
+    with pytest.raises(TypeError, match="dy"):
+        numbanorm.batch_norm_backward(x, np.ones((4, 3)), np.zeros(3), np.ones(3))
+
+
+def test_mixed_precision_backward_promotes():
+    x = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
+    _, mean, invstd = numbanorm.batch_norm_forward(x)
+    dx, dgamma, _ = numbanorm.batch_norm_backward(np.ones((8, 3)), x, mean, invstd)
+    assert dx.dtype == dgamma.dtype == np.float64
+
+
+# --- empty and degenerate inputs -------------------------------------------------------------
+
+
+def test_inference_on_an_empty_batch_returns_an_empty_result():
+    y, mean, invstd = numbanorm.batch_norm_forward(
+        np.empty((0, 3), np.float32), training=False, running_mean=np.ones(3), running_var=np.full(3, 4.0), eps=0.0
+    )
+    assert y.shape == (0, 3) and y.dtype == np.float32
+    np.testing.assert_array_equal(mean, 1.0)
+    np.testing.assert_array_equal(invstd, 0.5)
+
+
+def test_training_with_zero_features_returns_empty_results():
+    y, mean, invstd = numbanorm.batch_norm_forward(np.empty((4, 0, 2)))
+    assert y.shape == (4, 0, 2) and mean.shape == invstd.shape == (0,)
+
+
+# --- numerics --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("std", [1.0, 1e-3])
+def test_float32_is_accurate_when_the_mean_dwarfs_the_spread(std):
+    rng = np.random.default_rng(1)
+    # A feature's mean is 10**4 times its standard deviation.
+    x = (1e4 * std + std * rng.normal(size=(4096, 16))).astype(np.float32)
+    y, _, _ = numbanorm.batch_norm_forward(x)
+    error = np.abs(y - reference.forward(x)[0]).max()
+    assert error <= 1e-5, error
+    x4 = (1e4 * std + std * rng.normal(size=(64, 8, 7, 9))).astype(np.float32)
+    y4, _, _ = numbanorm.batch_norm_forward(x4)
+    assert np.abs(y4 - reference.forward(x4)[0]).max() <= 1e-5
+
+
+def test_float32_whose_squares_overflow_still_normalizes():
+    rng = np.random.default_rng(2)
+    x = (3e19 * rng.normal(size=(1000, 4))).astype(np.float32)
+    assert not np.isfinite(np.sum(x.astype(np.float32) ** 2, dtype=np.float32))
+    y, mean, invstd = numbanorm.batch_norm_forward(x)
+    assert np.all(np.isfinite(y))
+    assert np.abs(y - reference.forward(x)[0]).max() <= 1e-5
+    dx, dgamma, dbeta = numbanorm.batch_norm_backward(np.ones_like(x), x, mean, invstd)
+    assert np.all(np.isfinite(dx)) and np.all(np.isfinite(dgamma))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, axis", [((50, 3), 1), ((6, 3, 5, 5), 1), ((6, 5, 3), -1)])
+def test_a_constant_feature_gives_beta(dtype, shape, axis):
+    x = np.random.default_rng(3).normal(size=shape).astype(dtype)
+    index = [slice(None)] * x.ndim
+    index[axis] = 1
+    x[tuple(index)] = 7.25
+    beta = np.array([0.5, -2.0, 3.0])
+    y, _, _ = numbanorm.batch_norm_forward(x, np.array([2.0, 3.0, 4.0]), beta, axis=axis)
+    assert not np.isnan(y).any()
+    np.testing.assert_array_equal(y[tuple(index)], np.asarray(beta[1], dtype))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("shape, axis", [((200, 4), 1), ((9, 4, 6, 6), 1), ((9, 6, 4), -1), ((70000, 4), 1)])
+def test_nan_or_inf_stays_in_its_feature(bad, shape, axis):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=shape).astype(np.float32)
+    poisoned = [slice(None)] * x.ndim
+    poisoned[axis] = 2
+    x[tuple(poisoned)].flat[5] = bad
+    running_mean, running_var = np.zeros(4, np.float32), np.ones(4, np.float32)
+    y, mean, invstd = numbanorm.batch_norm_forward(x, axis=axis, running_mean=running_mean, running_var=running_var)
+    clean = [0, 1, 3]
+    ref_y, ref_mean, ref_invstd, ref_rm, ref_rv = reference.forward(
+        np.delete(x, 2, axis=axis), axis=axis, running_mean=np.zeros(3), running_var=np.ones(3)
+    )
+    assert_close(np.delete(y, 2, axis=axis), ref_y, np.float32)
+    assert np.all(np.isfinite(mean[clean])) and np.all(np.isfinite(invstd[clean]))
+    assert_close(running_mean[clean], ref_rm, np.float32)
+    assert_close(running_var[clean], ref_rv, np.float32)
+    assert np.isnan(y[tuple(poisoned)]).any() or np.isinf(y[tuple(poisoned)]).any() or np.isnan(invstd[2])
+    dx, dgamma, dbeta = numbanorm.batch_norm_backward(np.ones_like(x), x, mean, invstd, axis=axis)
+    assert np.all(np.isfinite(np.delete(dx, 2, axis=axis)))
+    assert np.all(np.isfinite(dgamma[clean])) and np.all(np.isfinite(dbeta[clean]))
+
+
+def test_inference_backward_does_not_read_x():
+    x = np.ones((4, 2))
+    x[0, 0] = np.nan
+    dx, _, _ = numbanorm.batch_norm_backward(np.ones((4, 2)), x, np.zeros(2), np.ones(2), training=False)
+    np.testing.assert_array_equal(dx, 1.0)
+
+
+def test_large_arrays_take_the_parallel_path_and_match():
+    rng = np.random.default_rng(5)
+    for shape, axis in [((40000, 7), 1), ((30, 5, 1000), 1), ((20, 30, 30, 9), -1)]:
+        x = rng.normal(3, 2, size=shape).astype(np.float32)
+        y, mean, invstd = numbanorm.batch_norm_forward(x, axis=axis)
+        ref_y, ref_mean, ref_invstd, _, _ = reference.forward(x, axis=axis)
+        assert_close(y, ref_y, np.float32)
+        dy = rng.normal(size=shape).astype(np.float32)
+        dx, dgamma, dbeta = numbanorm.batch_norm_backward(dy, x, mean, invstd, axis=axis)
+        ref_dx, ref_dgamma, ref_dbeta = reference.backward(dy, x, mean, invstd, axis=axis)
+        assert_close(dx, ref_dx, np.float32)
+        assert_close(dgamma, ref_dgamma, np.float32, scale=np.abs(dy).sum())
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+X = np.arange(24, dtype=np.float32).reshape(6, 4)
+ONES, ZEROS = np.ones(4), np.zeros(4)
+
+BAD_CALLS = [
+    # (id, call, exception, name the message must contain)
+    ("gamma shape", lambda x: numbanorm.batch_norm_forward(x, np.ones(3)), ValueError, "gamma"),
+    ("beta shape", lambda x: numbanorm.batch_norm_forward(x, None, np.ones((4, 1))), ValueError, "beta"),
+    ("running_mean shape", lambda x: numbanorm.batch_norm_forward(x, running_mean=np.zeros(5, np.float32), running_var=np.ones(4, np.float32)), ValueError, "running_mean"),
+    ("running_var shape", lambda x: numbanorm.batch_norm_forward(x, running_mean=np.zeros(4, np.float32), running_var=np.ones(2, np.float32)), ValueError, "running_var"),
+    ("running_var shape in inference", lambda x: numbanorm.batch_norm_forward(x, training=False, running_mean=ZEROS, running_var=np.ones(3)), ValueError, "running_var"),
+    ("running_mean not an array", lambda x: numbanorm.batch_norm_forward(x, running_mean=[0.0] * 4, running_var=np.ones(4)), TypeError, "running_mean"),
+    ("running_var read-only", lambda x: numbanorm.batch_norm_forward(x, running_mean=np.zeros(4), running_var=_readonly(np.ones(4))), ValueError, "running_var"),
+    ("running_mean integer", lambda x: numbanorm.batch_norm_forward(x, running_mean=np.zeros(4, int), running_var=np.ones(4)), TypeError, "running_mean"),
+    ("only running_mean", lambda x: numbanorm.batch_norm_forward(x, running_mean=np.zeros(4)), ValueError, "running_var"),
+    ("dy shape", lambda x: numbanorm.batch_norm_backward(np.ones((6, 5)), x, ZEROS, ONES), ValueError, "dy"),
+    ("mean shape", lambda x: numbanorm.batch_norm_backward(np.ones((6, 4)), x, np.zeros(3), ONES), ValueError, "mean"),
+    ("invstd shape", lambda x: numbanorm.batch_norm_backward(np.ones((6, 4)), x, ZEROS, np.ones(5)), ValueError, "invstd"),
+    ("backward gamma shape", lambda x: numbanorm.batch_norm_backward(np.ones((6, 4)), x, ZEROS, ONES, np.ones(2)), ValueError, "gamma"),
+    ("1-D x", lambda x: numbanorm.batch_norm_forward(x[0]), ValueError, "x"),
+    ("0-D x", lambda x: numbanorm.batch_norm_stats(np.float32(3)), ValueError, "x"),
+    ("1-D x backward", lambda x: numbanorm.batch_norm_backward(x[0], x[0], ZEROS, ONES), ValueError, "x"),
+    ("axis too large", lambda x: numbanorm.batch_norm_forward(x, axis=2), AxisError, "axis"),
+    ("axis too small", lambda x: numbanorm.batch_norm_stats(x, axis=-3), AxisError, "axis"),
+    ("axis backward", lambda x: numbanorm.batch_norm_backward(x, x, ZEROS, ONES, axis=5), AxisError, "axis"),
+    ("axis float", lambda x: numbanorm.batch_norm_forward(x, axis=1.0), TypeError, "axis"),
+    ("negative eps", lambda x: numbanorm.batch_norm_forward(x, eps=-1e-5), ValueError, "eps"),
+    ("nan eps", lambda x: numbanorm.batch_norm_forward(x, eps=float("nan")), ValueError, "eps"),
+    ("string eps", lambda x: numbanorm.batch_norm_forward(x, eps="0.1"), TypeError, "eps"),
+    ("momentum above 1", lambda x: numbanorm.batch_norm_forward(x, momentum=1.5), ValueError, "momentum"),
+    ("negative momentum", lambda x: numbanorm.batch_norm_forward(x, momentum=-0.1), ValueError, "momentum"),
+    ("one value per feature", lambda x: numbanorm.batch_norm_forward(x[:1]), ValueError, "x"),
+    ("one value per channel", lambda x: numbanorm.batch_norm_forward(x.reshape(1, 24, 1)), ValueError, "x"),
+    ("empty batch in training", lambda x: numbanorm.batch_norm_forward(x[:0]), ValueError, "x"),
+    ("empty batch in stats", lambda x: numbanorm.batch_norm_stats(x[:0]), ValueError, "x"),
+    ("inference without running stats", lambda x: numbanorm.batch_norm_forward(x, training=False), ValueError, "running_mean"),
+    ("inference without running_var", lambda x: numbanorm.batch_norm_forward(x, training=False, running_mean=ZEROS), ValueError, "running_var"),
+    ("out shape", lambda x: numbanorm.batch_norm_forward(x, out=np.empty((4, 6), np.float32)), ValueError, "out"),
+    ("out dtype", lambda x: numbanorm.batch_norm_forward(x, out=np.empty((6, 4), np.float64)), TypeError, "out"),
+    ("out not an array", lambda x: numbanorm.batch_norm_forward(x, out=[[0.0] * 4] * 6), TypeError, "out"),
+    ("out read-only", lambda x: numbanorm.batch_norm_forward(x, out=_readonly(np.empty((6, 4), np.float32))), ValueError, "out"),
+    ("complex gamma", lambda x: numbanorm.batch_norm_forward(x, np.ones(4, complex)), TypeError, "gamma"),
+]
+
+
+def _readonly(a):
+    a.flags.writeable = False
+    return a
+
+
+@pytest.mark.parametrize("name, call, exception, argument", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_bad_input_raises_naming_the_argument_and_modifies_nothing(name, call, exception, argument):
+    x = X.copy()
+    with pytest.raises(exception, match=rf"\b{argument}\b"):
+        call(x)
+    np.testing.assert_array_equal(x, X)
+
+
+def test_failed_training_call_leaves_running_statistics_alone():
+    running_mean, running_var = np.full(4, 0.5), np.full(4, 2.0)
+    with pytest.raises(ValueError, match="gamma"):
+        numbanorm.batch_norm_forward(X, np.ones(3), running_mean=running_mean, running_var=running_var)
+    with pytest.raises(ValueError, match="x"):
+        numbanorm.batch_norm_forward(X[:1], running_mean=running_mean, running_var=running_var)
+    np.testing.assert_array_equal(running_mean, 0.5)
+    np.testing.assert_array_equal(running_var, 2.0)
+
+
+def test_inputs_are_not_modified():
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(40, 5)).astype(np.float32)
+    gamma, beta = rng.normal(size=5), rng.normal(size=5)
+    copies = [a.copy() for a in (x, gamma, beta)]
+    y, mean, invstd = numbanorm.batch_norm_forward(x, gamma, beta)
+    saved = [mean.copy(), invstd.copy()]
+    numbanorm.batch_norm_backward(y, x, mean, invstd, gamma)
+    for a, b in zip((x, gamma, beta, mean, invstd), copies + saved):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_inference_returns_statistics_that_do_not_alias_the_running_ones():
+    running_mean, running_var = np.zeros(4), np.ones(4)
+    _, mean, _ = numbanorm.batch_norm_forward(X, training=False, running_mean=running_mean, running_var=running_var)
+    assert not np.shares_memory(mean, running_mean)

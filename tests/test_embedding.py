@@ -1,0 +1,135 @@
+"""numbanorm inside other programs: threads, forked children, memory, lazy compilation."""
+
+import multiprocessing
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numba
+import numpy as np
+import pytest
+
+import numbanorm
+import reference
+
+# Large enough for the kernels' parallel path (NUMBANORM_PARALLEL_MIN_SIZE).
+SHAPE = (20000, 16)
+
+
+def run_python(code, **env):
+    """Run ``code`` in a fresh interpreter; return its stdout."""
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, **env},
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def forward_backward(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(seed, 2.0, size=SHAPE).astype(np.float32)
+    y, mean, invstd = numbanorm.batch_norm_forward(x)
+    dx, _, _ = numbanorm.batch_norm_backward(y, x, mean, invstd)
+    return x, y, dx
+
+
+def test_the_threading_layer_is_tbb():
+    forward_backward(0)
+    assert numba.threading_layer() == "tbb"
+
+
+def test_concurrent_calls_from_threads_give_the_serial_results():
+    expected = {seed: forward_backward(seed) for seed in range(4)}
+    results, errors = {}, []
+
+    def work(seed):
+        try:
+            for _ in range(5):
+                results[seed] = forward_backward(seed)
+        except Exception as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for seed, (x, y, dx) in expected.items():
+        np.testing.assert_array_equal(results[seed][1], y)
+        np.testing.assert_array_equal(results[seed][2], dx)
+
+
+def _child_forward(seed):
+    _, y, dx = forward_backward(seed)
+    return y, dx
+
+
+def test_forked_children_can_run_kernels_after_the_parent_did():
+    forward_backward(0)  # the parent's thread pool is up before the fork
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        results = pool.map(_child_forward, range(3))
+    for seed, (y, dx) in enumerate(results):
+        _, expected_y, expected_dx = forward_backward(seed)
+        np.testing.assert_array_equal(y, expected_y)
+        np.testing.assert_array_equal(dx, expected_dx)
+
+
+def test_set_num_threads_is_honoured():
+    x = np.random.default_rng(1).normal(size=SHAPE)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        y_one, *_ = numbanorm.batch_norm_forward(x)
+        numba.set_num_threads(before)
+        y_all, *_ = numbanorm.batch_norm_forward(x)
+    finally:
+        numba.set_num_threads(before)
+    np.testing.assert_allclose(y_one, y_all, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(y_one, reference.forward(x)[0], rtol=1e-10, atol=1e-10)
+
+
+def test_import_compiles_nothing():
+    out = run_python(
+        """
+        import numba.core.dispatcher as dispatcher
+        import numbanorm
+        from numbanorm import _kernels
+        compiled = [name for name, f in vars(_kernels).items()
+                    if isinstance(f, dispatcher.Dispatcher) and f.signatures]
+        print(compiled)
+        """
+    )
+    assert out.strip() == "[]"
+
+
+def test_forward_then_backward_allocates_no_full_size_temporaries():
+    # 256 MB of float32; peak resident memory is read from /proc after resetting it.
+    out = run_python(
+        """
+        import numpy as np, numbanorm
+
+        def rss(field):
+            with open("/proc/self/status") as status:
+                for line in status:
+                    if line.startswith(field):
+                        return int(line.split()[1]) * 1024
+
+        small = np.ones((64, 1024), np.float32)
+        numbanorm.batch_norm_backward(small, small, *numbanorm.batch_norm_forward(small)[1:])  # compile
+        x = np.random.default_rng(0).standard_normal((65536, 1024), dtype=np.float32)
+        dy = np.ones_like(x)
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # reset the peak (VmHWM) to the current resident size
+        baseline = rss("VmRSS:")
+        y, mean, invstd = numbanorm.batch_norm_forward(x)
+        del y
+        dx, dgamma, dbeta = numbanorm.batch_norm_backward(dy, x, mean, invstd)
+        print((rss("VmHWM:") - baseline) / x.nbytes)
+        """
+    )
+    growth = float(out)
+    assert growth <= 1.25, f"peak memory grew by {growth:.2f}x the array"

@@ -1,0 +1,182 @@
+"""BatchNorm: modes, running statistics, gradients and state_dict, against the reference (and PyTorch when present)."""
+
+import numpy as np
+import pytest
+
+import numbanorm
+import reference
+
+
+def batch(seed=0, shape=(16, 5), dtype=np.float32):
+    return np.random.default_rng(seed).normal(2.0, 3.0, size=shape).astype(dtype)
+
+
+def test_new_layer_has_pytorch_initial_state():
+    layer = numbanorm.BatchNorm(5)
+    np.testing.assert_array_equal(layer.gamma, 1.0)
+    np.testing.assert_array_equal(layer.beta, 0.0)
+    np.testing.assert_array_equal(layer.running_mean, 0.0)
+    np.testing.assert_array_equal(layer.running_var, 1.0)
+    assert layer.num_batches_tracked == 0 and layer.training
+    assert layer.gamma.dtype == layer.running_var.dtype == np.float32
+
+
+def test_training_forward_updates_running_statistics_like_the_reference():
+    layer = numbanorm.BatchNorm(5, momentum=0.3)
+    running_mean, running_var = np.zeros(5), np.ones(5)
+    for seed in range(3):
+        x = batch(seed)
+        y = layer.forward(x)
+        ref_y, _, _, running_mean, running_var = reference.forward(
+            x, axis=1, running_mean=running_mean, running_var=running_var, momentum=0.3
+        )
+        np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layer.running_mean, running_mean, rtol=1e-6)
+    np.testing.assert_allclose(layer.running_var, running_var, rtol=1e-6)
+    assert layer.num_batches_tracked == 3
+
+
+def test_momentum_none_is_the_cumulative_average():
+    layer = numbanorm.BatchNorm(5, momentum=None, dtype=np.float64)
+    batches = [batch(seed, dtype=np.float64) for seed in range(4)]
+    for x in batches:
+        layer.forward(x)
+    means = [reference.stats(x)[0] for x in batches]
+    variances = [reference.stats(x)[1] * 16 / 15 for x in batches]
+    np.testing.assert_allclose(layer.running_mean, np.mean(means, axis=0), rtol=1e-12)
+    np.testing.assert_allclose(layer.running_var, np.mean(variances, axis=0), rtol=1e-12)
+
+
+def test_eval_mode_uses_running_statistics_and_leaves_them_alone():
+    layer = numbanorm.BatchNorm(5)
+    layer.forward(batch(0))
+    layer.eval()
+    assert not layer.training
+    state = layer.state_dict()
+    x = batch(1)
+    y = layer.forward(x)
+    ref_y, *_ = reference.forward(x, layer.gamma, layer.beta, training=False,
+                                  running_mean=layer.running_mean, running_var=layer.running_var)
+    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+    for key, value in layer.state_dict().items():
+        np.testing.assert_array_equal(value, state[key])
+    assert layer.train().training
+
+
+def test_training_argument_overrides_the_mode_for_one_call():
+    layer = numbanorm.BatchNorm(5).eval()
+    layer.forward(batch(0), training=True)
+    assert layer.num_batches_tracked == 1 and not layer.training
+
+
+def test_without_running_statistics_eval_uses_the_batch():
+    layer = numbanorm.BatchNorm(5, track_running_stats=False).eval()
+    x = batch(2)
+    np.testing.assert_allclose(layer.forward(x), reference.forward(x)[0], rtol=1e-5, atol=1e-5)
+    assert layer.running_mean is None and "running_mean" not in layer.state_dict()
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape, axis", [((16, 5), 1), ((4, 5, 3, 3), 1), ((4, 3, 3, 5), -1)])
+def test_backward_matches_the_reference_and_fills_gradients(training, shape, axis):
+    rng = np.random.default_rng(3)
+    layer = numbanorm.BatchNorm(5, axis=axis, dtype=np.float64)
+    layer.gamma[:] = rng.uniform(0.5, 2, 5)
+    layer.beta[:] = rng.normal(size=5)
+    layer.running_mean[:] = rng.normal(size=5)
+    x = batch(4, shape, np.float64)
+    layer.train(training)
+    _, mean, invstd, _, _ = reference.forward(
+        x, layer.gamma, layer.beta, axis=axis, training=training,
+        running_mean=layer.running_mean.copy(), running_var=layer.running_var.copy(),
+    )
+    layer.forward(x)
+    dy = rng.normal(size=shape)
+    dx = layer.backward(dy)
+    ref_dx, ref_dgamma, ref_dbeta = reference.backward(dy, x, mean, invstd, layer.gamma, axis=axis, training=training)
+    np.testing.assert_allclose(dx, ref_dx, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(layer.dgamma, ref_dgamma, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(layer.dbeta, ref_dbeta, rtol=1e-9, atol=1e-12)
+    assert layer.gradients()["weight"] is layer.dgamma
+
+
+def test_backward_before_forward_raises():
+    with pytest.raises(RuntimeError, match="forward"):
+        numbanorm.BatchNorm(3).backward(np.ones((4, 3)))
+
+
+def test_state_dict_round_trip():
+    layer = numbanorm.BatchNorm(5)
+    for seed in range(2):
+        layer.forward(batch(seed))
+    layer.gamma[:] = np.arange(5)
+    state = layer.state_dict()
+    assert set(state) == {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+    state["weight"][0] = 99.0  # a copy: changing it leaves the layer alone
+    assert layer.gamma[0] == 0.0
+    other = numbanorm.BatchNorm(5)
+    other.load_state_dict(layer.state_dict())
+    for key, value in layer.state_dict().items():
+        np.testing.assert_array_equal(other.state_dict()[key], value)
+    x = batch(7)
+    np.testing.assert_array_equal(other.eval().forward(x), layer.eval().forward(x))
+
+
+def test_load_state_dict_rejects_wrong_keys_and_shapes():
+    layer = numbanorm.BatchNorm(5)
+    state = layer.state_dict()
+    with pytest.raises(KeyError, match="running_var"):
+        layer.load_state_dict({k: v for k, v in state.items() if k != "running_var"})
+    with pytest.raises(ValueError, match="weight"):
+        layer.load_state_dict({**state, "weight": np.ones(4)})
+    np.testing.assert_array_equal(layer.gamma, 1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exception, name",
+    [
+        (dict(num_features=0), ValueError, "num_features"),
+        (dict(num_features=2.5), TypeError, "num_features"),
+        (dict(num_features=3, eps=-1.0), ValueError, "eps"),
+        (dict(num_features=3, momentum=2.0), ValueError, "momentum"),
+        (dict(num_features=3, dtype=np.int32), TypeError, "dtype"),
+        (dict(num_features=3, axis="1"), TypeError, "axis"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, exception, name):
+    with pytest.raises(exception, match=name):
+        numbanorm.BatchNorm(**kwargs)
+
+
+def test_forward_rejects_a_wrong_feature_count():
+    with pytest.raises(ValueError, match="gamma"):
+        numbanorm.BatchNorm(4).forward(batch(0))
+
+
+def test_matches_torch_batchnorm():
+    torch = pytest.importorskip("torch", reason="PyTorch is an optional test peer")
+    rng = np.random.default_rng(8)
+    layer = numbanorm.BatchNorm(6, momentum=0.2, dtype=np.float64)
+    twin = torch.nn.BatchNorm2d(6, momentum=0.2, dtype=torch.float64)
+    layer.gamma[:] = rng.uniform(0.5, 2, 6)
+    layer.beta[:] = rng.normal(size=6)
+    twin.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in layer.state_dict().items()})
+    for seed in range(2):
+        x = rng.normal(1, 2, size=(4, 6, 5, 5))
+        dy = rng.normal(size=x.shape)
+        xt = torch.from_numpy(x).requires_grad_(True)
+        yt = twin(xt)
+        yt.backward(torch.from_numpy(dy))
+        y = layer.forward(x)
+        dx = layer.backward(dy)
+        np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-9, atol=1e-10)
+        np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(layer.dgamma, twin.weight.grad.numpy(), rtol=1e-9, atol=1e-10)
+        twin.weight.grad = None
+        twin.bias.grad = None
+    for key, value in twin.state_dict().items():
+        np.testing.assert_allclose(layer.state_dict()[key], value.numpy(), rtol=1e-12)
+    twin.eval()
+    layer.eval()
+    x = rng.normal(size=(3, 6, 2, 2))
+    np.testing.assert_allclose(layer.forward(x), twin(torch.from_numpy(x)).detach().numpy(), rtol=1e-9, atol=1e-10)
