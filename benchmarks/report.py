@@ -223,7 +223,8 @@ def machine(threads, torch):
     return [
         f"- Date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; numbanorm {numbanorm.__version__} at commit {commit}",
         f"- CPU: {cpu}, {os.cpu_count()} logical cores ({len(os.sched_getaffinity(0))} usable)",
-        f"- Threads: {threads} for both (Numba threading layer: {numba.threading_layer()}, PyTorch: {torch.get_num_threads()})",
+        f"- Threads: {threads} for both (Numba threading layer: {numba.threading_layer()}, PyTorch: "
+        f"{torch.get_num_threads()} with OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})",
         f"- Python {platform.python_version()}, NumPy {np.__version__}, Numba {numba.__version__}, "
         f"llvmlite {llvmlite.__version__}, PyTorch {torch.__version__}",
     ]
@@ -322,6 +323,9 @@ def parse(argv):
     parser.add_argument("--threads", type=int, default=numba.get_num_threads(),
                         help="threads for numbanorm and PyTorch (default: Numba's, %(default)s)")
     parser.add_argument("--repeats", type=int, help="interleaved repeats per row (default 15, 5 with --quick)")
+    parser.add_argument("--omp-wait-policy", choices=("passive", "active", "unset"), default="passive",
+                        help="OMP_WAIT_POLICY for PyTorch's OpenMP threads, whatever the environment says: "
+                        "passive (default, steady on shared cores; see _cases.import_torch), active, or unset")
     parser.add_argument("--no-cold-start", dest="cold_start", action="store_false", help="skip the cold-start processes")
     args = parser.parse_args(argv)
     if not 1 <= args.threads <= numba.config.NUMBA_NUM_THREADS:
@@ -334,8 +338,9 @@ def parse(argv):
 
 def main(argv=None):
     args = parse(argv)
+    os.environ.pop("OMP_WAIT_POLICY", None)
     try:
-        torch = import_torch()
+        torch = import_torch(None if args.omp_wait_policy == "unset" else args.omp_wait_policy.upper())
     except NotImplementedError as error:
         raise SystemExit(f"report.py compares against PyTorch: {error}") from None
     numba.set_num_threads(args.threads)
