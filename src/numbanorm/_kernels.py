@@ -28,7 +28,11 @@ BLOCK_ELEMENTS = 16384
 
 _options = dict(cache=CACHE, fastmath=FASTMATH, nogil=True, error_model="numpy")
 jit = njit(**_options)
-parallel_jit = njit(parallel=True, **_options)
+# Only explicit prange loops run in parallel: Numba would otherwise turn every
+# small array expression (``np.zeros``, ``a[:] = 0``) into a parallel region of
+# its own, each costing a thread-pool launch.
+_prange_only = dict.fromkeys(("comprehension", "reduction", "inplace_binop", "setitem", "numpy", "stencil", "fusion"), False)
+parallel_jit = njit(parallel=dict(_prange_only, prange=True), **_options)
 
 
 @jit
@@ -174,6 +178,18 @@ def forward_train(x, gamma, beta, eps, chunks, y, mean, var, invstd):
         scale[c] = gamma[c] * invstd[c]
     normalize(x, mean, scale, beta, chunks, y)
     return count
+
+
+@jit
+def update_running(running_mean, running_var, mean, var, momentum, count):
+    """``running = (1 - momentum) * running + momentum * batch``, in float64 before the store.
+
+    ``var`` is the batch's biased variance; ``running_var`` takes the unbiased one.
+    """
+    unbiased = count / (count - 1)
+    for c in range(mean.shape[0]):
+        running_mean[c] = (1.0 - momentum) * running_mean[c] + momentum * mean[c]
+        running_var[c] = (1.0 - momentum) * running_var[c] + momentum * var[c] * unbiased
 
 
 @jit

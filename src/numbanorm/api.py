@@ -48,18 +48,21 @@ def _feature_axis(axis, x):
     """``axis`` as a non-negative index into ``x.shape``; ``x`` has at least 2 dimensions."""
     if x.ndim < 2:
         raise ValueError(f"x must have at least 2 dimensions (batch and features), got shape {x.shape}")
-    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
-        raise TypeError(f"axis must be an integer, got {axis!r}")
+    if type(axis) is not int:  # the exact type first: the ABC check costs a microsecond
+        if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+            raise TypeError(f"axis must be an integer, got {axis!r}")
+        axis = int(axis)
     if not -x.ndim <= axis < x.ndim:
-        raise AxisError(int(axis), x.ndim, "axis")
-    return int(axis) % x.ndim
+        raise AxisError(axis, x.ndim, "axis")
+    return axis % x.ndim
 
 
 def _number(value, name, low, high):
     """``value`` as a float in ``[low, high]``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
+    if type(value) is not float:
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a real number, got {value!r}")
+        value = float(value)
     if not low <= value <= high:
         raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
     return value
@@ -67,6 +70,8 @@ def _number(value, name, low, high):
 
 def _per_feature(v, name, features):
     """``v`` as a C-contiguous float64 array of shape ``(features,)``."""
+    if type(v) is np.ndarray and v.dtype == np.float64 and v.shape == (features,) and v.flags.c_contiguous:
+        return v
     v = np.asarray(v)
     if v.dtype.kind not in "biuf":
         raise TypeError(f"{name} must hold real numbers, got dtype {v.dtype}")
@@ -402,12 +407,19 @@ def batch_norm_forward(
         invstd = np.empty(features)
         _kernels.forward_train(x3, gamma, beta, eps, chunks, y3, mean, var, invstd)
         if running_mean is not None:
-            running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
-            running_var[...] = (1.0 - momentum) * running_var + momentum * var * (count / (count - 1))
+            _update_running(running_mean, running_var, mean, var, momentum, count)
     else:
         invstd = 1.0 / np.sqrt(var + eps)
         _kernels.normalize(x3, mean, gamma * invstd, beta, chunks, y3)
     return _finish(y3, out, x.shape, transposed, x.dtype), mean, invstd
+
+
+def _update_running(running_mean, running_var, mean, var, momentum, count):
+    if running_mean.dtype == np.float16 or running_var.dtype == np.float16:  # Numba has no float16 arithmetic
+        running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
+        running_var[...] = (1.0 - momentum) * running_var + momentum * var * (count / (count - 1))
+    else:
+        _kernels.update_running(running_mean, running_var, mean, var, momentum, count)
 
 
 def _gradient_inputs(dy, x, axis):
