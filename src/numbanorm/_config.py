@@ -5,9 +5,10 @@
     ``0`` compiles afresh in every process.
 ``NUMBANORM_FASTMATH``
     ``1`` (default) lets LLVM reassociate floating-point sums so that the
-    reductions vectorize. Only reassociation is allowed: NaN and inf keep
-    their IEEE meaning, so a NaN in one feature stays in that feature.
-    ``0`` turns it off.
+    reductions vectorize, and fuse multiply-adds. Nothing else: NaN and inf
+    keep their IEEE meaning, so a NaN in one feature stays in that feature.
+    ``0`` turns it off (and the on-disk cache with it, which holds the default
+    build).
 ``NUMBANORM_PARALLEL_MIN_SIZE``
     Arrays with fewer elements than this (default 32768) run on one thread:
     starting the thread pool costs more than it saves on them.
@@ -32,7 +33,10 @@ def _flag(name, default):
 
 
 CACHE = _flag("NUMBANORM_CACHE", "1")
-FASTMATH = {"reassoc"} if _flag("NUMBANORM_FASTMATH", "1") else False
+FASTMATH = {"reassoc", "contract"} if _flag("NUMBANORM_FASTMATH", "1") else False
+if not FASTMATH:
+    # Numba's cache does not key on compiler flags: a cached fastmath build would be loaded.
+    CACHE = False
 PARALLEL_MIN_SIZE = int(os.environ.get("NUMBANORM_PARALLEL_MIN_SIZE", "32768"))
 
 

@@ -25,6 +25,9 @@ from ._config import CACHE, FASTMATH
 # Elements in one block of the two-pass statistics: small enough that the second
 # pass over the block finds it in L1/L2, large enough to amortize the merge.
 BLOCK_ELEMENTS = 16384
+# Features in one block of (N, C) data: with 16384 // 1024 = 16 rows a block, the
+# per-block merge costs a sixteenth of the data's pass.
+FEATURE_TILE = 1024
 
 _options = dict(cache=CACHE, fastmath=FASTMATH, nogil=True, error_model="numpy")
 jit = njit(**_options)
@@ -62,46 +65,66 @@ def chan_merge(count, mean, m2, other_count, other_mean, other_m2):
 
 
 @jit
-def _slab_stats(x, start, stop, mean, m2, block_mean, block_m2):
-    """Count, mean and m2 of rows ``start:stop`` of ``x``, written into ``mean``/``m2``."""
+def _block_stats(x, rows_start, rows_stop, features_start, features_stop, block_mean, block_m2):
+    """Mean and m2 of one block: rows ``rows_start:rows_stop``, features ``features_start:features_stop``.
+
+    Two passes, the second while the block is still in cache.
+    """
     outer, features, inner = x.shape
-    rows_per_block = max(1, BLOCK_ELEMENTS // max(1, features * inner))
+    block_mean[:] = 0.0
+    block_m2[:] = 0.0
+    if inner == 1:
+        rows = x.reshape((outer, features))
+        for n in range(rows_start, rows_stop):
+            for c in range(features_start, features_stop):
+                block_mean[c - features_start] += rows[n, c]
+        block_mean /= rows_stop - rows_start
+        for n in range(rows_start, rows_stop):
+            for c in range(features_start, features_stop):
+                deviation = rows[n, c] - block_mean[c - features_start]
+                block_m2[c - features_start] += deviation * deviation
+    else:
+        for n in range(rows_start, rows_stop):
+            for c in range(features_start, features_stop):
+                total = 0.0
+                for i in range(inner):
+                    total += x[n, c, i]
+                block_mean[c - features_start] += total
+        block_mean /= (rows_stop - rows_start) * inner
+        for n in range(rows_start, rows_stop):
+            for c in range(features_start, features_stop):
+                centre = block_mean[c - features_start]
+                total = 0.0
+                for i in range(inner):
+                    deviation = x[n, c, i] - centre
+                    total += deviation * deviation
+                block_m2[c - features_start] += total
+
+
+@jit
+def _slab_stats(x, start, stop, mean, m2, block_mean, block_m2):
+    """Count, mean and m2 of rows ``start:stop`` of ``x``, written into ``mean``/``m2``.
+
+    The slab is cut into blocks of about ``BLOCK_ELEMENTS`` values; wide rows
+    (``inner == 1`` with many features) are also cut across the features, so
+    that a block always spans several rows and its merge stays cheap.
+    """
+    outer, features, inner = x.shape
+    tile = max(1, min(features, FEATURE_TILE)) if inner == 1 else max(1, features)
+    rows_per_block = max(1, BLOCK_ELEMENTS // (tile * inner))
     count = 0.0
     mean[:] = 0.0
     m2[:] = 0.0
     for block_start in range(start, stop, rows_per_block):
         block_stop = min(block_start + rows_per_block, stop)
-        block_mean[:] = 0.0
-        block_m2[:] = 0.0
-        if inner == 1:
-            rows = x.reshape((outer, features))
-            for n in range(block_start, block_stop):
-                for c in range(features):
-                    block_mean[c] += rows[n, c]
-            block_count = float(block_stop - block_start)
-            block_mean /= block_count
-            for n in range(block_start, block_stop):
-                for c in range(features):
-                    deviation = rows[n, c] - block_mean[c]
-                    block_m2[c] += deviation * deviation
-        else:
-            for n in range(block_start, block_stop):
-                for c in range(features):
-                    total = 0.0
-                    for i in range(inner):
-                        total += x[n, c, i]
-                    block_mean[c] += total
-            block_count = float((block_stop - block_start) * inner)
-            block_mean /= block_count
-            for n in range(block_start, block_stop):
-                for c in range(features):
-                    centre = block_mean[c]
-                    total = 0.0
-                    for i in range(inner):
-                        deviation = x[n, c, i] - centre
-                        total += deviation * deviation
-                    block_m2[c] += total
-        count = chan_merge(count, mean, m2, block_count, block_mean, block_m2)
+        block_count = float((block_stop - block_start) * inner)
+        for tile_start in range(0, features, tile):
+            tile_stop = min(tile_start + tile, features)
+            tile_mean = block_mean[tile_start:tile_stop]
+            tile_m2 = block_m2[tile_start:tile_stop]
+            _block_stats(x, block_start, block_stop, tile_start, tile_stop, tile_mean, tile_m2)
+            chan_merge(count, mean[tile_start:tile_stop], m2[tile_start:tile_stop], block_count, tile_mean, tile_m2)
+        count += block_count
     return count
 
 
