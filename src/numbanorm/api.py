@@ -405,12 +405,15 @@ def batch_norm_forward(
         mean = np.empty(features)
         var = np.empty(features)
         invstd = np.empty(features)
-        _kernels.forward_train(x3, gamma, beta, eps, chunks, y3, mean, var, invstd)
+        params = np.empty((4, features), dtype=x3.dtype)
+        _kernels.forward_train(x3, gamma, beta, eps, chunks, y3, mean, var, invstd, params)
         if running_mean is not None:
             _update_running(running_mean, running_var, mean, var, momentum, count)
     else:
         invstd = 1.0 / np.sqrt(var + eps)
-        _kernels.normalize(x3, mean, gamma * invstd, beta, chunks, y3)
+        params = np.empty((4, features), dtype=x3.dtype)
+        _kernels.normalize_params(mean, invstd, gamma, beta, params)
+        _kernels.normalize(x3, params, chunks, y3)
     return _finish(y3, out, x.shape, transposed, x.dtype), mean, invstd
 
 
@@ -490,7 +493,8 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=1, training=Tru
     dx3 = np.empty(x3.shape, dtype=x3.dtype)
     dgamma = np.empty(features)
     dbeta = np.empty(features)
-    _kernels.backward(dy3, x3, mean, invstd, gamma, bool(training), _chunks(x3.size), dx3, dgamma, dbeta)
+    params = np.empty((5, features), dtype=x3.dtype)
+    _kernels.backward(dy3, x3, mean, invstd, gamma, bool(training), _chunks(x3.size), dx3, dgamma, dbeta, params)
     return _finish(dx3, None, x.shape, transposed, dtype), dgamma.astype(dtype), dbeta.astype(dtype)
 
 
@@ -543,7 +547,8 @@ def batch_norm_backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, c
     sum_dy = _per_feature(sum_dy, "sum_dy", features)
     sum_dy_xhat = _per_feature(sum_dy_xhat, "sum_dy_xhat", features)
     count = _number(count, "count", 1.0, math.inf)
-    dy_scale, xmu_scale, offset = _kernels.grad_input_scales(invstd, gamma, sum_dy, sum_dy_xhat, count)
+    params = np.empty((5, features), dtype=x3.dtype)
+    _kernels.grad_params(mean, invstd, gamma, sum_dy, sum_dy_xhat, count, params)
     dx3 = np.empty(x3.shape, dtype=x3.dtype)
-    _kernels.grad_input(dy3, x3, mean, dy_scale, xmu_scale, offset, True, _chunks(x3.size), dx3)
+    _kernels.grad_input(dy3, x3, params, True, _chunks(x3.size), dx3)
     return _finish(dx3, None, x.shape, transposed, dtype)
