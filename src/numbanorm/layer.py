@@ -121,7 +121,7 @@ class BatchNorm:
         if use_batch_stats and self.running_mean is not None:
             self.num_batches_tracked += 1
             momentum = 1.0 / self.num_batches_tracked if self.momentum is None else self.momentum
-        y, mean, invstd = batch_norm_forward(
+        y, mean, invstd = self._functional_forward(
             x,
             self.gamma,
             self.beta,
@@ -142,12 +142,20 @@ class BatchNorm:
         if self._saved is None:
             raise RuntimeError("backward needs a forward first")
         x, mean, invstd, use_batch_stats = self._saved
-        dx, dgamma, dbeta = batch_norm_backward(
+        dx, dgamma, dbeta = self._functional_backward(
             dy, x, mean, invstd, self.gamma, axis=self.axis, training=use_batch_stats
         )
         self.dgamma = dgamma.astype(self.dtype, copy=False)
         self.dbeta = dbeta.astype(self.dtype, copy=False)
         return dx
+
+    def _functional_forward(self, x, gamma, beta, **options):
+        """The functional forward the layer runs: a subclass (``SyncBatchNorm``) swaps in its own."""
+        return batch_norm_forward(x, gamma, beta, **options)
+
+    def _functional_backward(self, dy, x, mean, invstd, gamma, **options):
+        """The functional backward the layer runs."""
+        return batch_norm_backward(dy, x, mean, invstd, gamma, **options)
 
     def parameters(self):
         """The learnable parameters by PyTorch name: ``{"weight": gamma, "bias": beta}`` (empty without affine)."""

@@ -327,42 +327,13 @@ class SyncBatchNorm(BatchNorm):
     def __repr__(self):
         return "Sync" + super().__repr__()
 
-    def forward(self, x, training=None):
-        """Normalize ``x`` (this rank's part); in training, with the global batch's statistics."""
-        training = self.training if training is None else bool(training)
-        use_batch_stats = training or self.running_mean is None
-        momentum = 0.0
-        if use_batch_stats and self.running_mean is not None:
-            self.num_batches_tracked += 1
-            momentum = 1.0 / self.num_batches_tracked if self.momentum is None else self.momentum
-        y, mean, invstd = batch_norm_forward(
-            x,
-            self.gamma,
-            self.beta,
-            comm=self.comm,
-            axis=self.axis,
-            eps=self.eps,
-            training=use_batch_stats,
-            running_mean=self.running_mean,
-            running_var=self.running_var,
-            momentum=momentum,
-        )
-        self._saved = (x, mean, invstd, use_batch_stats)
-        return y
+    def _functional_forward(self, x, gamma, beta, **options):
+        """In training, normalize with the global batch's statistics."""
+        return batch_norm_forward(x, gamma, beta, comm=self.comm, **options)
 
-    __call__ = forward
-
-    def backward(self, dy):
-        """This rank's part of ``dx``; fills ``dgamma`` and ``dbeta`` with the global batch's gradients."""
-        if self._saved is None:
-            raise RuntimeError("backward needs a forward first")
-        x, mean, invstd, use_batch_stats = self._saved
-        dx, dgamma, dbeta = batch_norm_backward(
-            dy, x, mean, invstd, self.gamma, comm=self.comm, axis=self.axis, training=use_batch_stats
-        )
-        self.dgamma = dgamma.astype(self.dtype, copy=False)
-        self.dbeta = dbeta.astype(self.dtype, copy=False)
-        return dx
+    def _functional_backward(self, dy, x, mean, invstd, gamma, **options):
+        """This rank's part of ``dx``, and the global batch's ``dgamma``/``dbeta``."""
+        return batch_norm_backward(dy, x, mean, invstd, gamma, comm=self.comm, **options)
 
 
 class DataParallelMLP(MLP):
