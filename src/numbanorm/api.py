@@ -228,6 +228,11 @@ def batch_norm_partial_stats(x, *, axis=1):
     count, mean, m2 : ndarray of float64, shape ``(x.shape[axis],)``
         ``m2 / count`` is the biased variance.
 
+    Raises
+    ------
+    TypeError, ValueError, numpy.exceptions.AxisError
+        As :func:`batch_norm_stats`, except that an empty ``x`` is allowed.
+
     Examples
     --------
     >>> import numpy as np, numbanorm
@@ -271,6 +276,15 @@ def merge_stats(parts):
     ------
     ValueError
         ``parts`` is empty, or its members disagree in shape.
+
+    Examples
+    --------
+    >>> import numpy as np, numbanorm
+    >>> x = np.array([[1.0], [2.0], [3.0], [10.0]])
+    >>> count, mean, m2 = numbanorm.merge_stats(
+    ...     [numbanorm.batch_norm_partial_stats(x[:1]), numbanorm.batch_norm_partial_stats(x[1:])])
+    >>> count, mean, m2 / count
+    (array([4.]), array([4.]), array([12.5]))
     """
     parts = [tuple(np.asarray(a, dtype=np.float64) for a in part) for part in parts]
     if not parts:
@@ -507,6 +521,19 @@ def batch_norm_backward_reduce(dy, x, mean, invstd, *, axis=1):
     feed :func:`batch_norm_backward_elemt`.
 
     Parameters are as in :func:`batch_norm_backward`.
+
+    Examples
+    --------
+    >>> import numpy as np, numbanorm
+    >>> x = np.array([[1.0], [3.0], [5.0], [7.0]])
+    >>> dy = np.array([[1.0], [0.0], [0.0], [1.0]])
+    >>> _, mean, invstd = numbanorm.batch_norm_forward(x, eps=0.0)
+    >>> parts = [numbanorm.batch_norm_backward_reduce(dy[i:i + 2], x[i:i + 2], mean, invstd) for i in (0, 2)]
+    >>> sum_dy, sum_dy_xhat = np.sum(parts, axis=0)
+    >>> dx = [numbanorm.batch_norm_backward_elemt(dy[i:i + 2], x[i:i + 2], mean, invstd, None, sum_dy, sum_dy_xhat, 4)
+    ...       for i in (0, 2)]
+    >>> np.allclose(np.concatenate(dx), numbanorm.batch_norm_backward(dy, x, mean, invstd)[0])
+    True
     """
     x, x3, dy3, axis, transposed, dtype = _gradient_inputs(dy, x, axis)
     features = x3.shape[1]
