@@ -288,6 +288,15 @@ def test_float32_is_accurate_when_the_mean_dwarfs_the_spread(std):
     assert np.abs(y4 - reference.forward(x4)[0]).max() <= 1e-5
 
 
+def test_float32_is_more_accurate_than_torch_when_the_mean_dwarfs_the_spread():
+    torch = pytest.importorskip("torch", reason="PyTorch is an optional test peer")
+    x = (1e4 + np.random.default_rng(7).normal(size=(4096, 16))).astype(np.float32)
+    expected = reference.forward(x)[0]
+    ours = np.abs(numbanorm.batch_norm_forward(x)[0] - expected).max()
+    theirs = np.abs(torch.nn.functional.batch_norm(torch.from_numpy(x), None, None, training=True).numpy() - expected).max()
+    assert ours <= 1e-5 and ours < theirs / 10, (ours, theirs)
+
+
 def test_float32_whose_squares_overflow_still_normalizes():
     rng = np.random.default_rng(2)
     x = (3e19 * rng.normal(size=(1000, 4))).astype(np.float32)
