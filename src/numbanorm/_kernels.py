@@ -19,6 +19,7 @@ block by block with Chan's update, so the input is read once from memory and
 
 import numpy as np
 from numba import njit, prange
+from numba.core.cpu import ParallelOptions
 
 from ._config import CACHE, FASTMATH
 
@@ -33,9 +34,10 @@ _options = dict(cache=CACHE, fastmath=FASTMATH, nogil=True, error_model="numpy")
 jit = njit(**_options)
 # Only explicit prange loops run in parallel: Numba would otherwise turn every
 # small array expression (``np.zeros``, ``a[:] = 0``) into a parallel region of
-# its own, each costing a thread-pool launch.
+# its own, each costing a thread-pool launch. (An options object, not a dict:
+# Numba pops the keys of a dict, so only the first compilation would see them.)
 _prange_only = dict.fromkeys(("comprehension", "reduction", "inplace_binop", "setitem", "numpy", "stencil", "fusion"), False)
-parallel_jit = njit(parallel=dict(_prange_only, prange=True), **_options)
+parallel_jit = njit(parallel=ParallelOptions(dict(_prange_only, prange=True)), **_options)
 
 
 @jit
