@@ -316,7 +316,7 @@ def batch_norm_forward(
                 "running_mean and running_var cannot be updated in place by a lazy computation: "
                 "pass neither in training, and update them from batch_norm_partial_stats(x)"
             )
-        count = math.prod(x.shape) / features
+        count = math.prod(x.shape[:axis] + x.shape[axis + 1 :])
         if count < 2:  # a NaN count (unknown chunk sizes) passes: the kernels see the real data
             raise ValueError(
                 f"x must have more than 1 value per feature in training, got shape {x.shape} "
