@@ -148,9 +148,16 @@ def test_bad_constructor_arguments(kwargs, exception, name):
         numbanorm.BatchNorm(**kwargs)
 
 
-def test_forward_rejects_a_wrong_feature_count():
+def test_a_failed_forward_changes_nothing():
+    layer = numbanorm.BatchNorm(4, momentum=None)
+    state = layer.state_dict()
     with pytest.raises(ValueError, match="gamma"):
-        numbanorm.BatchNorm(4).forward(batch(0))
+        layer.forward(batch(0))  # 5 features
+    with pytest.raises(ValueError, match="x"):
+        layer.forward(np.ones((1, 4)))  # one value per feature
+    assert layer.num_batches_tracked == 0
+    for key, value in layer.state_dict().items():
+        np.testing.assert_array_equal(value, state[key])
 
 
 def test_matches_torch_batchnorm():

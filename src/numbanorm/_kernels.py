@@ -13,8 +13,9 @@ serially afterwards (the pattern of stumpy): race-free, and deterministic for a
 given thread count. Statistics and sums accumulate in float64 whatever the
 input dtype; the mean and variance come from a blocked two-pass (each block's
 mean, then its squared deviations while the block is still in cache) merged
-block by block with Chan's update, so the input is read once from memory and
-``E[x**2] - E[x]**2`` never appears.
+block by block with Chan's update, so the input is read once from memory
+(when one row of one feature fits in a block) and ``E[x**2] - E[x]**2``
+never appears.
 """
 
 import numpy as np
@@ -70,10 +71,13 @@ def chan_merge(count, mean, m2, other_count, other_mean, other_m2):
 def _block_stats(x, rows_start, rows_stop, features_start, features_stop, block_mean, block_m2):
     """Mean and m2 of one block: rows ``rows_start:rows_stop``, features ``features_start:features_stop``.
 
-    Two passes, the second while the block is still in cache. The loops index
-    from zero (row slices, ``j``): an offset index such as ``c - start`` may be
-    negative as far as Numba knows, and its wraparound check stops LLVM from
-    vectorizing the loop (4x slower).
+    Two passes, the second while the block is still in cache. The first sums
+    deviations from the block's first value of each feature, so that a constant
+    feature gets its value back exactly (a plain float64 sum of 1e10 + 0.3 is
+    not exact, and the rounding, divided by ``sqrt(eps)``, would show in ``y``).
+    The loops index from zero (row slices, ``j``): an offset index such as
+    ``c - start`` may be negative as far as Numba knows, and its wraparound
+    check stops LLVM from vectorizing the loop (4x slower).
     """
     outer, features, inner = x.shape
     width = features_stop - features_start
@@ -83,17 +87,20 @@ def _block_stats(x, rows_start, rows_stop, features_start, features_stop, block_
         # Four rows at a time: each float64 accumulator is loaded and stored once per
         # four values instead of once per value (the loops are bound by that traffic).
         rows = x.reshape((outer, features))
+        first = rows[rows_start, features_start:features_stop]
         quad_stop = rows_start + (rows_stop - rows_start) // 4 * 4
         for n in range(rows_start, quad_stop, 4):
             a, b = rows[n, features_start:features_stop], rows[n + 1, features_start:features_stop]
             c, d = rows[n + 2, features_start:features_stop], rows[n + 3, features_start:features_stop]
             for j in range(width):
-                block_mean[j] += (np.float64(a[j]) + b[j]) + (np.float64(c[j]) + d[j])
+                shift = np.float64(first[j])
+                block_mean[j] += ((a[j] - shift) + (b[j] - shift)) + ((c[j] - shift) + (d[j] - shift))
         for n in range(quad_stop, rows_stop):
             row = rows[n, features_start:features_stop]
             for j in range(width):
-                block_mean[j] += row[j]
-        block_mean /= rows_stop - rows_start
+                block_mean[j] += row[j] - np.float64(first[j])
+        for j in range(width):
+            block_mean[j] = first[j] + block_mean[j] / (rows_stop - rows_start)
         for n in range(rows_start, quad_stop, 4):
             a, b = rows[n, features_start:features_stop], rows[n + 1, features_start:features_stop]
             c, d = rows[n + 2, features_start:features_stop], rows[n + 3, features_start:features_stop]
@@ -107,14 +114,14 @@ def _block_stats(x, rows_start, rows_stop, features_start, features_stop, block_
                 deviation = row[j] - block_mean[j]
                 block_m2[j] += deviation * deviation
     else:
-        for n in range(rows_start, rows_stop):
-            for j in range(width):
+        for j in range(width):
+            shift = np.float64(x[rows_start, features_start + j, 0])
+            total = 0.0
+            for n in range(rows_start, rows_stop):
                 run = x[n, features_start + j]
-                total = 0.0
                 for i in range(inner):
-                    total += run[i]
-                block_mean[j] += total
-        block_mean /= (rows_stop - rows_start) * inner
+                    total += run[i] - shift
+            block_mean[j] = shift + total / ((rows_stop - rows_start) * inner)
         for n in range(rows_start, rows_stop):
             for j in range(width):
                 run = x[n, features_start + j]
@@ -130,12 +137,16 @@ def _block_stats(x, rows_start, rows_stop, features_start, features_stop, block_
 def _slab_stats(x, start, stop, mean, m2, block_mean, block_m2):
     """Count, mean and m2 of rows ``start:stop`` of ``x``, written into ``mean``/``m2``.
 
-    The slab is cut into blocks of about ``BLOCK_ELEMENTS`` values; wide rows
-    (``inner == 1`` with many features) are also cut across the features, so
-    that a block always spans several rows and its merge stays cheap.
+    The slab is cut into blocks of at most ``BLOCK_ELEMENTS`` values where the
+    shape allows (at least one row of one feature): wide ``(N, C)`` rows are cut
+    across the features so that a block spans several rows and its merge stays
+    cheap, and long ``inner`` runs are cut to a few features a block.
     """
     outer, features, inner = x.shape
-    tile = max(1, min(features, FEATURE_TILE)) if inner == 1 else max(1, features)
+    if inner == 1:
+        tile = max(1, min(features, FEATURE_TILE))
+    else:
+        tile = max(1, min(features, BLOCK_ELEMENTS // inner))
     rows_per_block = max(1, BLOCK_ELEMENTS // (tile * inner))
     count = 0.0
     mean[:] = 0.0

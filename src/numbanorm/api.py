@@ -3,8 +3,11 @@
 Every argument is checked here, once, before any kernel runs. The arrays are
 then brought into the kernels' canonical layout, a C-contiguous
 ``(outer, features, inner)`` view, without copying whenever such a view exists:
-C-ordered arrays directly, Fortran-ordered ones through their transpose. Only
-other layouts (sliced, negative strides) and float16 data are copied.
+C-ordered arrays directly, Fortran-ordered ones through their transpose. Data
+is copied only when the kernels cannot read it as it is: other layouts (sliced,
+negative strides), float16 (computed in float32), integers and bools (float64),
+non-native byte order, and in a mixed-precision backward the lower-precision
+array. An ``out`` the kernels cannot write directly receives a copy.
 """
 
 import math
@@ -36,7 +39,7 @@ def _data(a, name):
     a = np.asarray(a)
     kind = a.dtype.kind
     if kind == "f" and a.dtype.itemsize <= 8:
-        return a
+        return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
     if kind in "biu":
         return a.astype(np.float64)
     raise TypeError(
@@ -432,7 +435,8 @@ def batch_norm_forward(
 
 
 def _update_running(running_mean, running_var, mean, var, momentum, count):
-    if running_mean.dtype == np.float16 or running_var.dtype == np.float16:  # Numba has no float16 arithmetic
+    if not all(v.dtype.isnative and v.dtype != np.float16 for v in (running_mean, running_var)):
+        # Numba has no float16 arithmetic, nor non-native byte orders.
         running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
         running_var[...] = (1.0 - momentum) * running_var + momentum * var * (count / (count - 1))
     else:
@@ -479,7 +483,8 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=1, training=Tru
         Shape of ``x``, dtype of ``x`` and ``dy`` promoted together.
     dgamma, dbeta : ndarray, shape ``(x.shape[axis],)``
         ``sum(dy * xhat)`` and ``sum(dy)`` over all but the feature axis,
-        in the dtype of ``dx``.
+        in the dtype of ``dx`` (float32 when that is float16, whose range a
+        sum over a batch overflows).
 
     Raises
     ------
@@ -509,7 +514,13 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=1, training=Tru
     dbeta = np.empty(features)
     params = np.empty((5, features), dtype=x3.dtype)
     _kernels.backward(dy3, x3, mean, invstd, gamma, bool(training), _chunks(x3.size), dx3, dgamma, dbeta, params)
-    return _finish(dx3, None, x.shape, transposed, dtype), dgamma.astype(dtype), dbeta.astype(dtype)
+    # Sums over the batch overflow float16: its parameter gradients stay in float32.
+    parameter_dtype = _compute_dtype(dtype)
+    return (
+        _finish(dx3, None, x.shape, transposed, dtype),
+        dgamma.astype(parameter_dtype),
+        dbeta.astype(parameter_dtype),
+    )
 
 
 def batch_norm_backward_reduce(dy, x, mean, invstd, *, axis=1):
@@ -559,7 +570,7 @@ def batch_norm_backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, c
     sum_dy, sum_dy_xhat : array_like, shape ``(features,)``
         :func:`batch_norm_backward_reduce` summed over all parts.
     count : int
-        Values per feature in the whole batch; must be positive.
+        Values per feature in the whole batch; at least 1.
 
     Returns
     -------

@@ -117,10 +117,10 @@ class BatchNorm:
         training = self.training if training is None else bool(training)
         # As in PyTorch: without running statistics the batch statistics serve in both modes.
         use_batch_stats = training or self.running_mean is None
+        tracking = use_batch_stats and self.running_mean is not None
         momentum = 0.0
-        if use_batch_stats and self.running_mean is not None:
-            self.num_batches_tracked += 1
-            momentum = 1.0 / self.num_batches_tracked if self.momentum is None else self.momentum
+        if tracking:
+            momentum = 1.0 / (self.num_batches_tracked + 1) if self.momentum is None else self.momentum
         y, mean, invstd = self._functional_forward(
             x,
             self.gamma,
@@ -132,6 +132,8 @@ class BatchNorm:
             running_var=self.running_var,
             momentum=momentum,
         )
+        if tracking:  # only now: a call that raised has changed nothing
+            self.num_batches_tracked += 1
         self._saved = (x, mean, invstd, use_batch_stats)
         return y
 
@@ -177,8 +179,9 @@ class BatchNorm:
     def load_state_dict(self, state):
         """Load what :meth:`state_dict` (or PyTorch's ``BatchNorm*d.state_dict()``, as arrays) gives.
 
-        Every key the layer has must be present with shape ``(num_features,)``;
-        unknown keys raise ``KeyError``. Values are copied in the layer's dtype.
+        Every key the layer has must be present, the per-feature ones with shape
+        ``(num_features,)``; missing or unknown keys raise ``KeyError``. Values
+        are copied in the layer's dtype.
         """
         expected = set(self.state_dict())
         missing = expected - set(state)
