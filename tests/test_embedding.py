@@ -93,6 +93,23 @@ def test_set_num_threads_is_honoured():
     np.testing.assert_allclose(y_one, reference.forward(x)[0], rtol=1e-10, atol=1e-10)
 
 
+def test_a_threading_layer_other_than_tbb_is_reported():
+    out = run_python(
+        """
+        import warnings
+        import numpy as np, numbanorm
+        x = np.ones((40000, 4))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                numbanorm.batch_norm_forward(x)
+        print(len(caught), caught[0].category.__name__ if caught else "", "workqueue" in str(caught[0].message) if caught else "")
+        """,
+        NUMBA_THREADING_LAYER="workqueue",
+    )
+    assert out.split() == ["1", "RuntimeWarning", "True"]
+
+
 def test_import_compiles_nothing():
     out = run_python(
         """

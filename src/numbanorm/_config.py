@@ -21,6 +21,7 @@ import ctypes
 import glob
 import os
 import sys
+import warnings
 
 
 def _flag(name, default):
@@ -58,3 +59,28 @@ def preload_tbb():
                 return
             except OSError:
                 continue
+
+
+def check_threading_layer():
+    """Warn when Numba's threading layer is not TBB; return whether the layer is known yet.
+
+    Numba picks its layer once per process, at the first parallel region. If
+    other code ran one before ``import numbanorm`` (or ``NUMBA_THREADING_LAYER``
+    says so), it may be OpenMP, which kills children forked afterwards, or
+    workqueue, which aborts on concurrent calls.
+    """
+    import numba
+
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel region has run yet
+        return False
+    if layer != "tbb":
+        warnings.warn(
+            f"Numba's threading layer is {layer!r}, not 'tbb': numbanorm's parallel kernels are then not safe "
+            "both in forked children and from several threads at once. Import numbanorm before running other "
+            "parallel Numba code, or set NUMBA_THREADING_LAYER=tbb (needs the tbb package).",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return True

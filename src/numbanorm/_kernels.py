@@ -202,7 +202,7 @@ def partial_stats(x, chunks, mean, m2):
 # ``ulp(mean) / std``: 6e-4 for data whose mean is 10**4 standard deviations.
 
 MEAN_HI, MEAN_LO, SCALE, SHIFT = 0, 1, 2, 3  # rows of the forward's ``params``
-DY_SCALE, XMU_SCALE, OFFSET = 2, 3, 4  # rows of the backward's ``params`` (after MEAN_HI, MEAN_LO)
+DY_SCALE, INVSTD, XHAT_SCALE, OFFSET = 2, 3, 4, 5  # rows of the backward's ``params`` (after MEAN_HI, MEAN_LO)
 
 
 @jit
@@ -329,26 +329,32 @@ def _slab_grad_sums(dy, x, start, stop, mean, sum_dy, sum_dy_xmu):
 
 @jit
 def _slab_grad_input(dy, x, start, stop, params, dx):
-    """``dx = dy * dy_scale - ((x - hi) - lo) * xmu_scale - offset`` on rows ``start:stop``."""
+    """``dx = dy * dy_scale - xhat * xhat_scale - offset``, ``xhat = ((x - hi) - lo) * invstd``, on rows ``start:stop``.
+
+    ``xhat`` is formed first so that no factor leaves float32's range: ``invstd**2``
+    would be subnormal for a standard deviation above 1e19.
+    """
     outer, features, inner = x.shape
-    hi, lo = params[MEAN_HI], params[MEAN_LO]
-    dy_scale, xmu_scale, offset = params[DY_SCALE], params[XMU_SCALE], params[OFFSET]
+    hi, lo, invstd = params[MEAN_HI], params[MEAN_LO], params[INVSTD]
+    dy_scale, xhat_scale, offset = params[DY_SCALE], params[XHAT_SCALE], params[OFFSET]
     if inner == 1:
         rows = x.reshape((outer, features))
         grad_rows = dy.reshape((outer, features))
         out_rows = dx.reshape((outer, features))
         for n in range(start, stop):
             for c in range(features):
-                out_rows[n, c] = grad_rows[n, c] * dy_scale[c] - ((rows[n, c] - hi[c]) - lo[c]) * xmu_scale[c] - offset[c]
+                xhat = ((rows[n, c] - hi[c]) - lo[c]) * invstd[c]
+                out_rows[n, c] = grad_rows[n, c] * dy_scale[c] - xhat * xhat_scale[c] - offset[c]
     else:
         for n in range(start, stop):
             for c in range(features):
-                centre_hi, centre_lo, a, b, d = hi[c], lo[c], dy_scale[c], xmu_scale[c], offset[c]
+                centre_hi, centre_lo, scale = hi[c], lo[c], invstd[c]
+                a, b, d = dy_scale[c], xhat_scale[c], offset[c]
                 run = x[n, c]
                 grad_run = dy[n, c]
                 out_run = dx[n, c]
                 for i in range(inner):
-                    out_run[i] = grad_run[i] * a - ((run[i] - centre_hi) - centre_lo) * b - d
+                    out_run[i] = grad_run[i] * a - ((run[i] - centre_hi) - centre_lo) * scale * b - d
 
 
 @jit
@@ -420,15 +426,16 @@ def grad_input(dy, x, params, training, chunks, dx):
 
 @jit
 def grad_params(mean, invstd, gamma, sum_dy, sum_dy_xhat, count, params):
-    """The backward's per-feature rows (5 rows, ``dx``'s dtype) for ``grad_input``.
+    """The backward's per-feature rows (6 rows, ``dx``'s dtype) for ``grad_input``.
 
-    ``dx = gamma * invstd * (dy - sum_dy / count - (x - mean) * invstd * sum_dy_xhat / count)``.
+    ``dx = gamma * invstd * (dy - sum_dy / count - xhat * sum_dy_xhat / count)``.
     """
     split_mean(mean, params)
     for c in range(mean.shape[0]):
         dy_scale = gamma[c] * invstd[c]
         params[DY_SCALE, c] = dy_scale
-        params[XMU_SCALE, c] = dy_scale * invstd[c] * sum_dy_xhat[c] / count
+        params[INVSTD, c] = invstd[c]
+        params[XHAT_SCALE, c] = dy_scale * sum_dy_xhat[c] / count
         params[OFFSET, c] = dy_scale * sum_dy[c] / count
 
 
@@ -438,7 +445,7 @@ def backward(dy, x, mean, invstd, gamma, training, chunks, dx, dgamma, dbeta, pa
 
     Training: ``dx = gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))``.
     Inference (the statistics are constants): ``dx = gamma * invstd * dy``.
-    ``params`` (5 rows, ``dx``'s dtype) is scratch.
+    ``params`` (6 rows, ``dx``'s dtype) is scratch.
     """
     grad_sums(dy, x, mean, chunks, dbeta, dgamma)
     dgamma *= invstd  # sum(dy * (x - mean)) * invstd = sum(dy * xhat)

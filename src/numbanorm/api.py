@@ -18,7 +18,7 @@ import numpy as np
 from numpy.exceptions import AxisError
 
 from . import _kernels
-from ._config import PARALLEL_MIN_SIZE
+from ._config import PARALLEL_MIN_SIZE, check_threading_layer
 
 __all__ = [
     "batch_norm_stats",
@@ -168,9 +168,17 @@ def _finish(y3, out, shape, transposed, dtype):
     return out
 
 
+_threading_layer_known = False
+
+
 def _chunks(size):
     """How many slabs a kernel splits the work into: one thread for small arrays."""
-    return 1 if size < PARALLEL_MIN_SIZE else numba.get_num_threads()
+    global _threading_layer_known
+    if size < PARALLEL_MIN_SIZE:
+        return 1
+    if not _threading_layer_known:
+        _threading_layer_known = check_threading_layer()
+    return numba.get_num_threads()
 
 
 # --- the API ---------------------------------------------------------------------------
@@ -512,7 +520,7 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=1, training=Tru
     dx3 = np.empty(x3.shape, dtype=x3.dtype)
     dgamma = np.empty(features)
     dbeta = np.empty(features)
-    params = np.empty((5, features), dtype=x3.dtype)
+    params = np.empty((6, features), dtype=x3.dtype)
     _kernels.backward(dy3, x3, mean, invstd, gamma, bool(training), _chunks(x3.size), dx3, dgamma, dbeta, params)
     # Sums over the batch overflow float16: its parameter gradients stay in float32.
     parameter_dtype = _compute_dtype(dtype)
@@ -585,7 +593,7 @@ def batch_norm_backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, c
     sum_dy = _per_feature(sum_dy, "sum_dy", features)
     sum_dy_xhat = _per_feature(sum_dy_xhat, "sum_dy_xhat", features)
     count = _number(count, "count", 1.0, math.inf)
-    params = np.empty((5, features), dtype=x3.dtype)
+    params = np.empty((6, features), dtype=x3.dtype)
     _kernels.grad_params(mean, invstd, gamma, sum_dy, sum_dy_xhat, count, params)
     dx3 = np.empty(x3.shape, dtype=x3.dtype)
     _kernels.grad_input(dy3, x3, params, True, _chunks(x3.size), dx3)
