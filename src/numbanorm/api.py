@@ -149,11 +149,9 @@ def _output(out, x, x3, axis, transposed, dtype):
     if not out.flags.writeable:
         raise ValueError("out is read-only")
     out3 = _view_3d(out, axis, transposed, compute)
-    # Writing through a view is only safe when it is x's own view or shares nothing with it.
-    if out3 is None or (
-        np.may_share_memory(out3, x3)
-        and (out3.__array_interface__["data"][0] != x3.__array_interface__["data"][0] or out3.shape != x3.shape)
-    ):
+    # Writing through the view is safe when it shares nothing with x3 or is x3 itself (both
+    # are C-contiguous with one shape, so the same start means the same elements).
+    if out3 is None or (np.may_share_memory(out3, x3) and out3.ctypes.data != x3.ctypes.data):
         return np.empty(x3.shape, dtype=compute)
     return out3
 
