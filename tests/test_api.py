@@ -435,6 +435,7 @@ def test_large_arrays_take_the_parallel_path_and_match():
 
 X = np.arange(24, dtype=np.float32).reshape(6, 4)
 ONES, ZEROS = np.ones(4), np.zeros(4)
+_SHARED = np.ones(4)
 
 BAD_CALLS = [
     # (id, call, exception, name the message must contain)
@@ -447,6 +448,7 @@ BAD_CALLS = [
     ("running_var read-only", lambda x: numbanorm.batch_norm_forward(x, running_mean=np.zeros(4), running_var=_readonly(np.ones(4))), ValueError, "running_var"),
     ("running_mean integer", lambda x: numbanorm.batch_norm_forward(x, running_mean=np.zeros(4, int), running_var=np.ones(4)), TypeError, "running_mean"),
     ("only running_mean", lambda x: numbanorm.batch_norm_forward(x, running_mean=np.zeros(4)), ValueError, "running_var"),
+    ("running stats sharing memory", lambda x: numbanorm.batch_norm_forward(x, running_mean=_SHARED, running_var=_SHARED), ValueError, "running_mean"),
     ("dy shape", lambda x: numbanorm.batch_norm_backward(np.ones((6, 5)), x, ZEROS, ONES), ValueError, "dy"),
     ("mean shape", lambda x: numbanorm.batch_norm_backward(np.ones((6, 4)), x, np.zeros(3), ONES), ValueError, "mean"),
     ("invstd shape", lambda x: numbanorm.batch_norm_backward(np.ones((6, 4)), x, ZEROS, np.ones(5)), ValueError, "invstd"),

@@ -110,6 +110,14 @@ def test_a_threading_layer_other_than_tbb_is_reported():
     assert out.split() == ["1", "RuntimeWarning", "True"]
 
 
+def test_a_bad_environment_switch_is_named():
+    result = subprocess.run(
+        [sys.executable, "-c", "import numbanorm"], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "NUMBANORM_PARALLEL_MIN_SIZE": "lots"},
+    )
+    assert result.returncode != 0 and "NUMBANORM_PARALLEL_MIN_SIZE" in result.stderr
+
+
 def test_import_compiles_nothing():
     out = run_python(
         """

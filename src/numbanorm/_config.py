@@ -38,7 +38,18 @@ FASTMATH = {"reassoc", "contract"} if _flag("NUMBANORM_FASTMATH", "1") else Fals
 if not FASTMATH:
     # Numba's cache does not key on compiler flags: a cached fastmath build would be loaded.
     CACHE = False
-PARALLEL_MIN_SIZE = int(os.environ.get("NUMBANORM_PARALLEL_MIN_SIZE", "32768"))
+def _count(name, default):
+    value = os.environ.get(name, default).strip()
+    try:
+        count = int(value)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise ValueError(f"environment variable {name} must be a non-negative integer, got {value!r}")
+    return count
+
+
+PARALLEL_MIN_SIZE = _count("NUMBANORM_PARALLEL_MIN_SIZE", "32768")
 
 
 def preload_tbb():

@@ -407,6 +407,8 @@ def batch_norm_forward(
         if running_mean is not None:
             _running(running_mean, "running_mean", features)
             _running(running_var, "running_var", features)
+            if np.may_share_memory(running_mean, running_var):
+                raise ValueError("running_mean and running_var must not share memory: both are updated in place")
         outer, _, inner = _shape3(x.shape, axis)
         count = outer * inner
         if count < 2:
