@@ -372,7 +372,8 @@ def test_float32_gradients_stay_accurate_at_extreme_scales():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape, axis", [((50, 3), 1), ((6, 3, 5, 5), 1), ((6, 5, 3), -1)])
+# (5000, 3) reads its rows as super-rows of 341 rows (_kernels._super_rows).
+@pytest.mark.parametrize("shape, axis", [((50, 3), 1), ((5000, 3), 1), ((6, 3, 5, 5), 1), ((6, 5, 3), -1)])
 def test_a_constant_feature_gives_beta(dtype, shape, axis):
     x = np.random.default_rng(3).normal(size=shape).astype(dtype)
     index = [slice(None)] * x.ndim
@@ -429,6 +430,34 @@ def test_large_arrays_take_the_parallel_path_and_match():
         ref_dx, ref_dgamma, ref_dbeta = reference.backward(dy, x, mean, invstd, axis=axis)
         assert_close(dx, ref_dx, np.float32)
         assert_close(dgamma, ref_dgamma, np.float32, scale=np.abs(dy).sum())
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("features", [1, 5, 64, 300, 512])
+def test_narrow_rows_read_as_super_rows_match(features, dtype, parallel):
+    # The reductions read rows of at most 512 features k = 1024 // features at a time
+    # (_kernels._super_rows), in blocks of 16 such super-rows: three blocks, then one more
+    # super-row and a row left over, split between the slabs of the parallel path.
+    k = 1024 // features
+    rows = 3 * 16 * k + k + 1
+    rng = np.random.default_rng(features)
+    offsets = rng.uniform(-1e4, 1e4, features)
+    x = (rng.normal(0, 3, size=(rows, features)) + offsets).astype(dtype)
+    dy = rng.normal(size=(rows, features)).astype(dtype)
+    with kernel_path(parallel):
+        mean, var = numbanorm.batch_norm_stats(x)
+        y, mean, invstd = numbanorm.batch_norm_forward(x)
+        dx, dgamma, dbeta = numbanorm.batch_norm_backward(dy, x, mean, invstd)
+    ref_mean, ref_var = reference.stats(x, 1)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-12)
+    np.testing.assert_allclose(var, ref_var, rtol=1e-9)
+    assert_close(y, reference.forward(x)[0], dtype)
+    ref_dx, ref_dgamma, ref_dbeta = reference.backward(dy, x, mean, invstd)
+    assert_close(dx, ref_dx, dtype)
+    # The parameter gradients come back in x's dtype, rounded from float64 sums.
+    assert_close(dbeta, ref_dbeta, dtype, scale=np.abs(dy.astype(np.float64)).sum(axis=0).max())
+    assert_close(dgamma, ref_dgamma, dtype, scale=np.abs(dy.astype(np.float64)).sum(axis=0).max())
 
 
 # --- bad input -------------------------------------------------------------------------------
