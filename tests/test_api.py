@@ -2,6 +2,7 @@
 
 import contextlib
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -34,12 +35,12 @@ def per_feature(rng, features, low, high):
 @contextlib.contextmanager
 def kernel_path(parallel):
     """Run the kernels' parallel path (slabs per thread, merged) even on small arrays."""
-    saved = api.PARALLEL_MIN_SIZE
-    api.PARALLEL_MIN_SIZE = 0 if parallel else saved
+    saved = api.PARALLEL_MIN_BYTES
+    api.PARALLEL_MIN_BYTES = 0 if parallel else saved
     try:
         yield
     finally:
-        api.PARALLEL_MIN_SIZE = saved
+        api.PARALLEL_MIN_BYTES = saved
 
 
 @st.composite
@@ -420,8 +421,9 @@ def test_inference_backward_does_not_read_x():
 def test_large_arrays_take_the_parallel_path_and_match():
     rng = np.random.default_rng(5)
     # Also rows wider than the kernels' feature tile, with a ragged last tile.
-    for shape, axis in [((40000, 7), 1), ((30, 5, 1000), 1), ((20, 30, 30, 9), -1), ((9, 2500), 1), ((40, 1030), 1)]:
+    for shape, axis in [((40000, 7), 1), ((30, 5, 1000), 1), ((20, 30, 30, 9), -1), ((50, 2500), 1), ((100, 1030), 1)]:
         x = rng.normal(3, 2, size=shape).astype(np.float32)
+        assert api._chunks(x.nbytes) == numba.get_num_threads()
         y, mean, invstd = numbanorm.batch_norm_forward(x, axis=axis)
         ref_y, ref_mean, ref_invstd, _, _ = reference.forward(x, axis=axis)
         assert_close(y, ref_y, np.float32)

@@ -14,7 +14,7 @@ import pytest
 import numbanorm
 import reference
 
-# Large enough for the kernels' parallel path (NUMBANORM_PARALLEL_MIN_SIZE).
+# Large enough for the kernels' parallel path (NUMBANORM_PARALLEL_MIN_BYTES).
 SHAPE = (20000, 16)
 
 
@@ -83,7 +83,7 @@ def test_set_num_threads_is_honoured():
     before = numba.get_num_threads()
     try:
         numba.set_num_threads(1)
-        assert numbanorm.api._chunks(x.size) == 1
+        assert numbanorm.api._chunks(x.nbytes) == 1
         y_one, *_ = numbanorm.batch_norm_forward(x)
         numba.set_num_threads(before)
         y_all, *_ = numbanorm.batch_norm_forward(x)
@@ -113,9 +113,9 @@ def test_a_threading_layer_other_than_tbb_is_reported():
 def test_a_bad_environment_switch_is_named():
     result = subprocess.run(
         [sys.executable, "-c", "import numbanorm"], capture_output=True, text=True, timeout=120,
-        env={**os.environ, "NUMBANORM_PARALLEL_MIN_SIZE": "lots"},
+        env={**os.environ, "NUMBANORM_PARALLEL_MIN_BYTES": "lots"},
     )
-    assert result.returncode != 0 and "NUMBANORM_PARALLEL_MIN_SIZE" in result.stderr
+    assert result.returncode != 0 and "NUMBANORM_PARALLEL_MIN_BYTES" in result.stderr
 
 
 def test_import_compiles_nothing():

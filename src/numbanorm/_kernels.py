@@ -172,20 +172,46 @@ def _tiled(v, k):
 
 
 @jit
-def _slab_stats(x, start, stop, mean, m2, block_mean, block_m2):
+def _slab_stats(x, start, stop, mean, m2, scratch):
     """Count, mean and m2 of rows ``start:stop`` of ``x``, written into ``mean``/``m2``.
+
+    Narrow rows are read as super-rows (``_super_rows``): the statistics of
+    the ``k * features`` super-features, each Chan's update of its own, fold
+    into the features' at the end, with the rows left over after the last
+    super-row. ``scratch`` is 4 rows of at least ``max(features, FEATURE_TILE)``.
+    """
+    outer, features, inner = x.shape
+    k = _super_rows(features, inner)
+    if k == 1:
+        return _blocked_stats(x, start, stop, mean, m2, scratch[0], scratch[1])
+    width = k * features
+    supers = (stop - start) // k
+    wide_mean, wide_m2 = scratch[2, :width], scratch[3, :width]
+    wide_count = _blocked_stats(_super_view(x, start, supers, k), 0, supers, wide_mean, wide_m2, scratch[0], scratch[1])
+    count = 0.0
+    mean[:] = 0.0
+    m2[:] = 0.0
+    for q in range(k):
+        part = slice(q * features, (q + 1) * features)
+        count = chan_merge(count, mean, m2, wide_count, wide_mean[part], wide_m2[part])
+    tail = start + supers * k
+    if tail < stop:
+        tail_mean, tail_m2 = scratch[0, :features], scratch[1, :features]
+        _block_stats(x, tail, stop, 0, features, tail_mean, tail_m2)
+        count = chan_merge(count, mean, m2, float(stop - tail), tail_mean, tail_m2)
+    return count
+
+
+@jit
+def _blocked_stats(x, start, stop, mean, m2, block_mean, block_m2):
+    """``_slab_stats`` block by block: Chan's update folds each block's statistics into the slab's.
 
     The slab is cut into blocks of at most ``BLOCK_ELEMENTS`` values where the
     shape allows (at least one row of one feature): wide ``(N, C)`` rows are cut
     across the features so that a block spans several rows and its merge stays
-    cheap, long ``inner`` runs are cut to a few features a block, and narrow
-    rows are read as super-rows (``_super_rows``). ``block_mean`` and
-    ``block_m2`` are scratch of at least ``max(features, FEATURE_TILE)`` values.
+    cheap, and long ``inner`` runs are cut to a few features a block.
     """
     outer, features, inner = x.shape
-    k = _super_rows(features, inner)
-    if k > 1:
-        return _narrow_slab_stats(x, start, stop, k, mean, m2, block_mean, block_m2)
     if inner == 1:
         tile = max(1, min(features, FEATURE_TILE))
     else:
@@ -207,35 +233,6 @@ def _slab_stats(x, start, stop, mean, m2, block_mean, block_m2):
     return count
 
 
-@jit
-def _narrow_slab_stats(x, start, stop, k, mean, m2, block_mean, block_m2):
-    """``_slab_stats`` for narrow ``(N, C)`` rows, read ``k`` at a time as super-rows.
-
-    Each block's super-features are statistics of their own (of one feature,
-    over every ``k``-th row of the block); Chan's update folds them, and the
-    rows left over at the end of a block, into the feature's.
-    """
-    features = x.shape[1]
-    width = k * features
-    rows_per_block = max(1, BLOCK_ELEMENTS // width) * k
-    count = 0.0
-    mean[:] = 0.0
-    m2[:] = 0.0
-    for block_start in range(start, stop, rows_per_block):
-        block_stop = min(block_start + rows_per_block, stop)
-        supers = (block_stop - block_start) // k
-        tail = block_start + supers * k
-        if supers > 0:
-            _block_stats(_super_view(x, block_start, supers, k), 0, supers, 0, width, block_mean[:width], block_m2[:width])
-            for q in range(k):
-                part = slice(q * features, (q + 1) * features)
-                count = chan_merge(count, mean, m2, float(supers), block_mean[part], block_m2[part])
-        if tail < block_stop:
-            _block_stats(x, tail, block_stop, 0, features, block_mean[:features], block_m2[:features])
-            count = chan_merge(count, mean, m2, float(block_stop - tail), block_mean[:features], block_m2[:features])
-    return count
-
-
 @parallel_jit
 def partial_stats(x, chunks, mean, m2):
     """Per-feature mean and m2 (sum of squared deviations) of ``x`` into ``mean``/``m2``.
@@ -247,13 +244,13 @@ def partial_stats(x, chunks, mean, m2):
     slab_count = np.zeros(chunks)
     slab_mean = np.empty((chunks, features))
     slab_m2 = np.empty((chunks, features))
-    scratch = np.empty((chunks, 2, max(features, FEATURE_TILE)))
+    scratch = np.empty((chunks, 4, max(features, FEATURE_TILE)))
     if chunks == 1:  # skip the thread pool: its start-up dominates small arrays
-        slab_count[0] = _slab_stats(x, 0, outer, slab_mean[0], slab_m2[0], scratch[0, 0], scratch[0, 1])
+        slab_count[0] = _slab_stats(x, 0, outer, slab_mean[0], slab_m2[0], scratch[0])
     else:
         for t in prange(chunks):
             start, stop = _bounds(outer, chunks, t)
-            slab_count[t] = _slab_stats(x, start, stop, slab_mean[t], slab_m2[t], scratch[t, 0], scratch[t, 1])
+            slab_count[t] = _slab_stats(x, start, stop, slab_mean[t], slab_m2[t], scratch[t])
     count = 0.0
     mean[:] = 0.0
     m2[:] = 0.0

@@ -18,7 +18,7 @@ import numpy as np
 from numpy.exceptions import AxisError
 
 from . import _kernels
-from ._config import PARALLEL_MIN_SIZE, check_threading_layer
+from ._config import PARALLEL_MIN_BYTES, check_threading_layer
 
 __all__ = [
     "batch_norm_stats",
@@ -169,10 +169,10 @@ def _finish(y3, out, shape, transposed, dtype):
 _threading_layer_known = False
 
 
-def _chunks(size):
+def _chunks(nbytes):
     """How many slabs a kernel splits the work into: one thread for small arrays."""
     global _threading_layer_known
-    if size < PARALLEL_MIN_SIZE:
+    if nbytes < PARALLEL_MIN_BYTES:
         return 1
     if not _threading_layer_known:
         _threading_layer_known = check_threading_layer()
@@ -263,7 +263,7 @@ def _partial_stats(x, axis):
     features = x3.shape[1]
     mean = np.empty(features)
     m2 = np.empty(features)
-    count = _kernels.partial_stats(x3, _chunks(x3.size), mean, m2)
+    count = _kernels.partial_stats(x3, _chunks(x3.nbytes), mean, m2)
     return count, mean, m2
 
 
@@ -425,7 +425,7 @@ def batch_norm_forward(
     transposed = _transposes(x)
     x3 = _to_3d(x, axis, transposed, _compute_dtype(x.dtype))
     y3 = _output(out, x, x3, axis, transposed, x.dtype)
-    chunks = _chunks(x3.size)
+    chunks = _chunks(x3.nbytes)
     if training:
         mean = np.empty(features)
         var = np.empty(features)
@@ -521,7 +521,7 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=1, training=Tru
     dgamma = np.empty(features)
     dbeta = np.empty(features)
     params = np.empty((6, features), dtype=x3.dtype)
-    _kernels.backward(dy3, x3, mean, invstd, gamma, bool(training), _chunks(x3.size), dx3, dgamma, dbeta, params)
+    _kernels.backward(dy3, x3, mean, invstd, gamma, bool(training), _chunks(x3.nbytes), dx3, dgamma, dbeta, params)
     # Sums over the batch overflow float16: its parameter gradients stay in float32.
     parameter_dtype = _compute_dtype(dtype)
     return (
@@ -560,7 +560,7 @@ def batch_norm_backward_reduce(dy, x, mean, invstd, *, axis=1):
     invstd = _per_feature(invstd, "invstd", features)
     sum_dy = np.empty(features)
     sum_dy_xmu = np.empty(features)
-    _kernels.grad_sums(dy3, x3, mean, _chunks(x3.size), sum_dy, sum_dy_xmu)
+    _kernels.grad_sums(dy3, x3, mean, _chunks(x3.nbytes), sum_dy, sum_dy_xmu)
     return sum_dy, sum_dy_xmu * invstd
 
 
@@ -596,5 +596,5 @@ def batch_norm_backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, c
     params = np.empty((6, features), dtype=x3.dtype)
     _kernels.grad_params(mean, invstd, gamma, sum_dy, sum_dy_xhat, count, params)
     dx3 = np.empty(x3.shape, dtype=x3.dtype)
-    _kernels.grad_input(dy3, x3, params, True, _chunks(x3.size), dx3)
+    _kernels.grad_input(dy3, x3, params, True, _chunks(x3.nbytes), dx3)
     return _finish(dx3, None, x.shape, transposed, dtype)
