@@ -263,58 +263,60 @@ def partial_stats(x, chunks, mean, m2):
 #
 # The element-wise passes compute in the data's dtype, so that float32 data gets
 # twice the vector width of float64. What keeps float32 accurate is the mean,
-# passed as two rows: ``mean_hi`` (the mean rounded to the dtype) and ``mean_lo``
-# (the rounding error). ``(x - mean_hi) - mean_lo`` loses nothing where it
-# matters: when ``x`` is close to the mean the first difference is exact
-# (Sterbenz), and elsewhere its rounding is relative to the deviation itself,
-# not to the mean. Rounding the mean first, as PyTorch does, would cost
-# ``ulp(mean) / std``: 6e-4 for data whose mean is 10**4 standard deviations.
+# split in two: ``hi`` (the float64 mean rounded to the dtype) is subtracted
+# from each value, and ``lo = mean - hi`` (the rounding error) goes into the
+# per-feature constant, computed in float64:
+#
+#     y = (x - hi) * scale + (shift - lo * scale)
+#
+# ``x - hi`` loses nothing where it matters: when ``x`` is close to the mean the
+# difference is exact (Sterbenz), and elsewhere its rounding is relative to the
+# deviation itself, not to the mean. Rounding the mean and stopping there, as
+# PyTorch does, would cost ``ulp(mean) / std``: 6e-4 for data whose mean is
+# 10**4 standard deviations. (Subtracting ``lo`` from every value instead would
+# be as accurate, and a load and a subtraction per value dearer: 10-15 % of an
+# (N, C) pass whose array is in cache.)
 
-MEAN_HI, MEAN_LO, SCALE, SHIFT = 0, 1, 2, 3  # rows of the forward's ``params``
-DY_SCALE, INVSTD, XHAT_SCALE, OFFSET = 2, 3, 4, 5  # rows of the backward's ``params`` (after MEAN_HI, MEAN_LO)
-
-
-@jit
-def split_mean(mean, params):
-    """``params[MEAN_HI]`` and ``params[MEAN_LO]``: ``mean`` in ``params``' dtype and its rounding error."""
-    for c in range(mean.shape[0]):
-        params[MEAN_HI, c] = mean[c]
-        params[MEAN_LO, c] = mean[c] - params[MEAN_HI, c]
+MEAN_HI, SCALE, SHIFT = 0, 1, 2  # rows of the forward's ``params``
+DY_SCALE, INVSTD, XHAT_SCALE, OFFSET = 1, 2, 3, 4  # rows of the backward's ``params`` (after MEAN_HI)
+FORWARD_ROWS, BACKWARD_ROWS = 3, 5
 
 
 @jit
 def normalize_params(mean, invstd, gamma, beta, params):
-    """The forward's per-feature rows: ``y = ((x - hi) - lo) * scale + shift``."""
-    split_mean(mean, params)
+    """The forward's per-feature rows: ``y = (x - hi) * scale + shift``, the mean's rounding in ``shift``."""
     for c in range(mean.shape[0]):
-        params[SCALE, c] = gamma[c] * invstd[c]
-        params[SHIFT, c] = beta[c]
+        params[MEAN_HI, c] = mean[c]
+        lo = mean[c] - params[MEAN_HI, c]
+        scale = gamma[c] * invstd[c]
+        params[SCALE, c] = scale
+        params[SHIFT, c] = beta[c] - lo * scale
 
 
 @jit
 def _slab_normalize(x, start, stop, params, y):
-    """``y = ((x - hi) - lo) * scale + shift`` on rows ``start:stop``."""
+    """``y = (x - hi) * scale + shift`` on rows ``start:stop``."""
     outer, features, inner = x.shape
-    hi, lo, scale, shift = params[MEAN_HI], params[MEAN_LO], params[SCALE], params[SHIFT]
+    hi, scale, shift = params[MEAN_HI], params[SCALE], params[SHIFT]
     if inner == 1:
         rows = x.reshape((outer, features))
         out_rows = y.reshape((outer, features))
         for n in range(start, stop):
             for c in range(features):
-                out_rows[n, c] = ((rows[n, c] - hi[c]) - lo[c]) * scale[c] + shift[c]
+                out_rows[n, c] = (rows[n, c] - hi[c]) * scale[c] + shift[c]
     else:
         for n in range(start, stop):
             for c in range(features):
-                centre_hi, centre_lo, factor, offset = hi[c], lo[c], scale[c], shift[c]
+                centre, factor, offset = hi[c], scale[c], shift[c]
                 run = x[n, c]
                 out_run = y[n, c]
                 for i in range(inner):
-                    out_run[i] = ((run[i] - centre_hi) - centre_lo) * factor + offset
+                    out_run[i] = (run[i] - centre) * factor + offset
 
 
 @parallel_jit
 def normalize(x, params, chunks, y):
-    """``y = ((x - hi) - lo) * scale + shift`` per feature (``normalize_params``); ``y`` may be ``x``."""
+    """``y = (x - hi) * scale + shift`` per feature (``normalize_params``); ``y`` may be ``x``."""
     outer = x.shape[0]
     chunks = max(1, min(chunks, outer))
     if chunks == 1:
@@ -329,7 +331,7 @@ def normalize(x, params, chunks, y):
 def forward_train(x, gamma, beta, eps, chunks, y, mean, var, invstd, params):
     """Batch statistics of ``x`` into ``mean``/``var``/``invstd``, then ``y``.
 
-    ``var`` is the biased variance; ``params`` (4 rows, ``x``'s dtype) is scratch.
+    ``var`` is the biased variance; ``params`` (``FORWARD_ROWS`` rows, ``x``'s dtype) is scratch.
     Returns the number of values per feature.
     """
     count = partial_stats(x, chunks, mean, var)
@@ -396,13 +398,14 @@ def _slab_grad_sums(dy, x, start, stop, mean, sum_dy, sum_dy_xmu):
 
 @jit
 def _slab_grad_input(dy, x, start, stop, params, dx):
-    """``dx = dy * dy_scale - xhat * xhat_scale - offset``, ``xhat = ((x - hi) - lo) * invstd``, on rows ``start:stop``.
+    """``dx = dy * dy_scale - ((x - hi) * invstd) * xhat_scale - offset`` on rows ``start:stop``.
 
-    ``xhat`` is formed first so that no factor leaves float32's range: ``invstd**2``
-    would be subnormal for a standard deviation above 1e19.
+    ``(x - hi) * invstd`` (``xhat`` but for the mean's rounding, which is in
+    ``offset``) is formed first so that no factor leaves float32's range:
+    ``invstd**2`` would be subnormal for a standard deviation above 1e19.
     """
     outer, features, inner = x.shape
-    hi, lo, invstd = params[MEAN_HI], params[MEAN_LO], params[INVSTD]
+    hi, invstd = params[MEAN_HI], params[INVSTD]
     dy_scale, xhat_scale, offset = params[DY_SCALE], params[XHAT_SCALE], params[OFFSET]
     if inner == 1:
         rows = x.reshape((outer, features))
@@ -410,18 +413,18 @@ def _slab_grad_input(dy, x, start, stop, params, dx):
         out_rows = dx.reshape((outer, features))
         for n in range(start, stop):
             for c in range(features):
-                xhat = ((rows[n, c] - hi[c]) - lo[c]) * invstd[c]
+                xhat = (rows[n, c] - hi[c]) * invstd[c]
                 out_rows[n, c] = grad_rows[n, c] * dy_scale[c] - xhat * xhat_scale[c] - offset[c]
     else:
         for n in range(start, stop):
             for c in range(features):
-                centre_hi, centre_lo, scale = hi[c], lo[c], invstd[c]
+                centre, scale = hi[c], invstd[c]
                 a, b, d = dy_scale[c], xhat_scale[c], offset[c]
                 run = x[n, c]
                 grad_run = dy[n, c]
                 out_run = dx[n, c]
                 for i in range(inner):
-                    out_run[i] = grad_run[i] * a - ((run[i] - centre_hi) - centre_lo) * scale * b - d
+                    out_run[i] = grad_run[i] * a - (run[i] - centre) * scale * b - d
 
 
 @jit
@@ -513,17 +516,21 @@ def grad_input(dy, x, params, training, chunks, dx):
 
 @jit
 def grad_params(mean, invstd, gamma, sum_dy, sum_dy_xhat, count, params):
-    """The backward's per-feature rows (6 rows, ``dx``'s dtype) for ``grad_input``.
+    """The backward's per-feature rows (``BACKWARD_ROWS`` rows, ``dx``'s dtype) for ``grad_input``.
 
-    ``dx = gamma * invstd * (dy - sum_dy / count - xhat * sum_dy_xhat / count)``.
+    ``dx = gamma * invstd * (dy - sum_dy / count - xhat * sum_dy_xhat / count)``,
+    with ``xhat = (x - hi) * invstd - lo * invstd`` and the constant part of
+    ``xhat * xhat_scale`` in ``offset``, as in ``normalize_params``.
     """
-    split_mean(mean, params)
     for c in range(mean.shape[0]):
+        params[MEAN_HI, c] = mean[c]
+        lo = mean[c] - params[MEAN_HI, c]
         dy_scale = gamma[c] * invstd[c]
+        xhat_scale = dy_scale * sum_dy_xhat[c] / count
         params[DY_SCALE, c] = dy_scale
         params[INVSTD, c] = invstd[c]
-        params[XHAT_SCALE, c] = dy_scale * sum_dy_xhat[c] / count
-        params[OFFSET, c] = dy_scale * sum_dy[c] / count
+        params[XHAT_SCALE, c] = xhat_scale
+        params[OFFSET, c] = dy_scale * sum_dy[c] / count - (lo * invstd[c]) * xhat_scale
 
 
 @jit
@@ -532,7 +539,7 @@ def backward(dy, x, mean, invstd, gamma, training, chunks, dx, dgamma, dbeta, pa
 
     Training: ``dx = gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))``.
     Inference (the statistics are constants): ``dx = gamma * invstd * dy``.
-    ``params`` (6 rows, ``dx``'s dtype) is scratch.
+    ``params`` (``BACKWARD_ROWS`` rows, ``dx``'s dtype) is scratch.
     """
     grad_sums(dy, x, mean, chunks, dbeta, dgamma)
     dgamma *= invstd  # sum(dy * (x - mean)) * invstd = sum(dy * xhat)

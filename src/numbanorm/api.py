@@ -430,13 +430,13 @@ def batch_norm_forward(
         mean = np.empty(features)
         var = np.empty(features)
         invstd = np.empty(features)
-        params = np.empty((4, features), dtype=x3.dtype)
+        params = np.empty((_kernels.FORWARD_ROWS, features), dtype=x3.dtype)
         _kernels.forward_train(x3, gamma, beta, eps, chunks, y3, mean, var, invstd, params)
         if running_mean is not None:
             _update_running(running_mean, running_var, mean, var, momentum, count)
     else:
         invstd = 1.0 / np.sqrt(var + eps)
-        params = np.empty((4, features), dtype=x3.dtype)
+        params = np.empty((_kernels.FORWARD_ROWS, features), dtype=x3.dtype)
         _kernels.normalize_params(mean, invstd, gamma, beta, params)
         _kernels.normalize(x3, params, chunks, y3)
     return _finish(y3, out, x.shape, transposed, x.dtype), mean, invstd
@@ -520,7 +520,7 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=1, training=Tru
     dx3 = np.empty(x3.shape, dtype=x3.dtype)
     dgamma = np.empty(features)
     dbeta = np.empty(features)
-    params = np.empty((6, features), dtype=x3.dtype)
+    params = np.empty((_kernels.BACKWARD_ROWS, features), dtype=x3.dtype)
     _kernels.backward(dy3, x3, mean, invstd, gamma, bool(training), _chunks(x3.nbytes), dx3, dgamma, dbeta, params)
     # Sums over the batch overflow float16: its parameter gradients stay in float32.
     parameter_dtype = _compute_dtype(dtype)
@@ -593,7 +593,7 @@ def batch_norm_backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, c
     sum_dy = _per_feature(sum_dy, "sum_dy", features)
     sum_dy_xhat = _per_feature(sum_dy_xhat, "sum_dy_xhat", features)
     count = _number(count, "count", 1.0, math.inf)
-    params = np.empty((6, features), dtype=x3.dtype)
+    params = np.empty((_kernels.BACKWARD_ROWS, features), dtype=x3.dtype)
     _kernels.grad_params(mean, invstd, gamma, sum_dy, sum_dy_xhat, count, params)
     dx3 = np.empty(x3.shape, dtype=x3.dtype)
     _kernels.grad_input(dy3, x3, params, True, _chunks(x3.nbytes), dx3)
