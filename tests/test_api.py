@@ -11,6 +11,7 @@ from numpy.exceptions import AxisError
 
 import numbanorm
 import numbanorm.api as api
+from numbanorm import _kernels
 import reference
 from strategies import DTYPES, LAYOUTS, TOLERANCE, arrays, shapes_and_axes, with_layout
 
@@ -439,10 +440,11 @@ def test_large_arrays_take_the_parallel_path_and_match():
 @pytest.mark.parametrize("features", [1, 5, 64, 300, 512])
 def test_narrow_rows_read_as_super_rows_match(features, dtype, parallel):
     # The reductions read rows of at most 512 features k = 1024 // features at a time
-    # (_kernels._super_rows), in blocks of 16 such super-rows: three blocks, then one more
+    # (_kernels._super_rows), in blocks of BLOCK_BYTES: three blocks, then one more
     # super-row and a row left over, split between the slabs of the parallel path.
-    k = 1024 // features
-    rows = 3 * 16 * k + k + 1
+    k = _kernels.FEATURE_TILE // features
+    supers_per_block = _kernels.BLOCK_BYTES // np.dtype(dtype).itemsize // _kernels.FEATURE_TILE
+    rows = 3 * supers_per_block * k + k + 1
     rng = np.random.default_rng(features)
     offsets = rng.uniform(-1e4, 1e4, features)
     x = (rng.normal(0, 3, size=(rows, features)) + offsets).astype(dtype)

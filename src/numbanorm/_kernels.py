@@ -24,11 +24,13 @@ from numba.core.cpu import ParallelOptions
 
 from ._config import CACHE, FASTMATH
 
-# Elements in one block of the two-pass statistics: small enough that the second
-# pass over the block finds it in L1/L2, large enough to amortize the merge.
-BLOCK_ELEMENTS = 16384
-# Features in one block of (N, C) data: with 16384 // 1024 = 16 rows a block, the
-# per-block merge costs a sixteenth of the data's pass.
+# Bytes in one block of the two-pass statistics: small enough that the second pass
+# over the block finds it in L2 (half of a 512 KiB L2), large enough to amortize the
+# merge. Measured on (N, C) data in the benchmark loop, 256 KiB against 64 KiB: a
+# fifth faster for float32, a few per cent for float64; 512 KiB is slower again.
+BLOCK_BYTES = 262144
+# Features in one block of (N, C) data: with 1024 features, a float32 block is 64
+# rows, and the per-block merge costs a sixty-fourth of the data's pass.
 FEATURE_TILE = 1024
 
 _options = dict(cache=CACHE, fastmath=FASTMATH, nogil=True, error_model="numpy")
@@ -206,17 +208,17 @@ def _slab_stats(x, start, stop, mean, m2, scratch):
 def _blocked_stats(x, start, stop, mean, m2, block_mean, block_m2):
     """``_slab_stats`` block by block: Chan's update folds each block's statistics into the slab's.
 
-    The slab is cut into blocks of at most ``BLOCK_ELEMENTS`` values where the
-    shape allows (at least one row of one feature): wide ``(N, C)`` rows are cut
+    The slab is cut into blocks of at most ``BLOCK_BYTES`` where the shape allows (at least one row of one feature): wide ``(N, C)`` rows are cut
     across the features so that a block spans several rows and its merge stays
     cheap, and long ``inner`` runs are cut to a few features a block.
     """
     outer, features, inner = x.shape
+    block_elements = BLOCK_BYTES // x.itemsize
     if inner == 1:
         tile = max(1, min(features, FEATURE_TILE))
     else:
-        tile = max(1, min(features, BLOCK_ELEMENTS // inner))
-    rows_per_block = max(1, BLOCK_ELEMENTS // (tile * inner))
+        tile = max(1, min(features, block_elements // inner))
+    rows_per_block = max(1, block_elements // (tile * inner))
     count = 0.0
     mean[:] = 0.0
     m2[:] = 0.0
