@@ -118,6 +118,15 @@ def test_a_bad_environment_switch_is_named():
     assert result.returncode != 0 and "NUMBANORM_PARALLEL_MIN_BYTES" in result.stderr
 
 
+def test_the_old_threshold_switch_is_not_ignored_in_silence():
+    result = subprocess.run(
+        [sys.executable, "-W", "always::FutureWarning", "-c", "import numbanorm"], capture_output=True, text=True,
+        timeout=120, env={**os.environ, "NUMBANORM_PARALLEL_MIN_SIZE": "1000"},
+    )
+    assert result.returncode == 0
+    assert "NUMBANORM_PARALLEL_MIN_SIZE" in result.stderr and "NUMBANORM_PARALLEL_MIN_BYTES" in result.stderr
+
+
 def test_import_compiles_nothing():
     out = run_python(
         """

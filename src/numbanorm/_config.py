@@ -14,6 +14,8 @@
     thread: waking the thread pool costs more than it saves on them. (On the
     2-core machine the benchmarks ran on, 256 KiB arrays were 5-20 % faster on
     one thread and 512 KiB arrays 5-30 % faster on two, whatever the dtype.)
+    ``NUMBANORM_PARALLEL_MIN_SIZE``, its former name (a count of values), is not
+    read; setting it gives a ``FutureWarning``.
 
 Threads: the kernels use ``numba.get_num_threads()``, so ``NUMBA_NUM_THREADS``
 and ``numba.set_num_threads`` apply as for any Numba code.
@@ -52,6 +54,16 @@ def _count(name, default):
 
 
 PARALLEL_MIN_BYTES = _count("NUMBANORM_PARALLEL_MIN_BYTES", "393216")
+if "NUMBANORM_PARALLEL_MIN_SIZE" in os.environ:
+    # The threshold was a count of values before 0.1.0 settled on bytes; a count means
+    # nothing without the dtype, so the old setting is not translated, but it is not
+    # ignored in silence either.
+    warnings.warn(
+        "NUMBANORM_PARALLEL_MIN_SIZE is no longer read: set NUMBANORM_PARALLEL_MIN_BYTES (a size in bytes, "
+        f"now {PARALLEL_MIN_BYTES}) instead",
+        FutureWarning,
+        stacklevel=2,
+    )
 
 
 def preload_tbb():
