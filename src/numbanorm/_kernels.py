@@ -33,6 +33,10 @@ BLOCK_BYTES = 262144
 # Features in one block of (N, C) data: with 1024 features, a float32 block is 64
 # rows, and the per-block merge costs a sixty-fourth of the data's pass.
 FEATURE_TILE = 1024
+# Row and feature indices that start at zero are passed as ``ZERO``, an int64, and not
+# as the literal ``0``: Numba compiles a callee once more for a literal argument
+# (``Literal[int](0)``), which made the cold compile seconds longer.
+ZERO = np.int64(0)
 
 _options = dict(cache=CACHE, fastmath=FASTMATH, nogil=True, error_model="numpy")
 jit = njit(**_options)
@@ -170,7 +174,8 @@ def _tiled(v, k):
     features = v.shape[0]
     out = np.empty(k * features, dtype=v.dtype)
     for q in range(k):
-        out[q * features : (q + 1) * features] = v
+        for c in range(features):  # not a slice assignment: that compiles for seconds
+            out[q * features + c] = v[c]
     return out
 
 
@@ -190,7 +195,7 @@ def _slab_stats(x, start, stop, mean, m2, scratch):
     width = k * features
     supers = (stop - start) // k
     wide_mean, wide_m2 = scratch[2, :width], scratch[3, :width]
-    wide_count = _blocked_stats(_super_view(x, start, supers, k), 0, supers, wide_mean, wide_m2, scratch[0], scratch[1])
+    wide_count = _blocked_stats(_super_view(x, start, supers, k), ZERO, supers, wide_mean, wide_m2, scratch[0], scratch[1])
     count = 0.0
     mean[:] = 0.0
     m2[:] = 0.0
@@ -200,7 +205,7 @@ def _slab_stats(x, start, stop, mean, m2, scratch):
     tail = start + supers * k
     if tail < stop:
         tail_mean, tail_m2 = scratch[0, :features], scratch[1, :features]
-        _block_stats(x, tail, stop, 0, features, tail_mean, tail_m2)
+        _block_stats(x, tail, stop, ZERO, features, tail_mean, tail_m2)
         count = chan_merge(count, mean, m2, float(stop - tail), tail_mean, tail_m2)
     return count
 
@@ -250,7 +255,7 @@ def partial_stats(x, chunks, mean, m2):
     slab_m2 = np.empty((chunks, features))
     scratch = np.empty((chunks, 4, max(features, FEATURE_TILE)))
     if chunks == 1:  # skip the thread pool: its start-up dominates small arrays
-        slab_count[0] = _slab_stats(x, 0, outer, slab_mean[0], slab_m2[0], scratch[0])
+        slab_count[0] = _slab_stats(x, ZERO, outer, slab_mean[0], slab_m2[0], scratch[0])
     else:
         for t in prange(chunks):
             start, stop = _bounds(outer, chunks, t)
@@ -324,7 +329,7 @@ def normalize(x, params, chunks, y):
     outer = x.shape[0]
     chunks = max(1, min(chunks, outer))
     if chunks == 1:
-        _slab_normalize(x, 0, outer, params, y)
+        _slab_normalize(x, ZERO, outer, params, y)
     else:
         for t in prange(chunks):
             start, stop = _bounds(outer, chunks, t)
@@ -466,7 +471,7 @@ def _slab_grad_sums_super(dy, x, start, stop, k, centre, sum_dy, sum_dy_xmu):
         return
     supers = (stop - start) // k
     tail = start + supers * k
-    _slab_grad_sums(_super_view(dy, start, supers, k), _super_view(x, start, supers, k), 0, supers, centre, sum_dy, sum_dy_xmu)
+    _slab_grad_sums(_super_view(dy, start, supers, k), _super_view(x, start, supers, k), ZERO, supers, centre, sum_dy, sum_dy_xmu)
     _slab_grad_sums(dy, x, tail, stop, centre[:features], sum_dy[:features], sum_dy_xmu[:features])
 
 
@@ -480,7 +485,7 @@ def grad_sums(dy, x, mean, chunks, sum_dy, sum_dy_xmu):
     slab_dy = np.zeros((chunks, k * features))
     slab_dy_xmu = np.zeros((chunks, k * features))
     if chunks == 1:
-        _slab_grad_sums_super(dy, x, 0, outer, k, centre, slab_dy[0], slab_dy_xmu[0])
+        _slab_grad_sums_super(dy, x, ZERO, outer, k, centre, slab_dy[0], slab_dy_xmu[0])
     else:
         for t in prange(chunks):
             start, stop = _bounds(outer, chunks, t)
@@ -504,14 +509,14 @@ def grad_input(dy, x, params, training, chunks, dx):
     chunks = max(1, min(chunks, outer))
     if training:
         if chunks == 1:
-            _slab_grad_input(dy, x, 0, outer, params, dx)
+            _slab_grad_input(dy, x, ZERO, outer, params, dx)
         else:
             for t in prange(chunks):
                 start, stop = _bounds(outer, chunks, t)
                 _slab_grad_input(dy, x, start, stop, params, dx)
     else:
         if chunks == 1:
-            _slab_scale(dy, 0, outer, params, dx)
+            _slab_scale(dy, ZERO, outer, params, dx)
         else:
             for t in prange(chunks):
                 start, stop = _bounds(outer, chunks, t)
