@@ -1,0 +1,60 @@
+"""The benchmarks run, and every library in them computes the same thing.
+
+The asv suite and ``benchmarks/report.py`` both time the calls that
+``benchmarks/_cases.py`` prepares. A case that breaks, or a library that times
+something other than numbanorm does, would otherwise show only when someone
+runs the benchmarks, as a failure or as a speedup that means nothing.
+"""
+
+import importlib.util
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # benchmarks/ is a package at the root, not installed
+
+from benchmarks import _cases, bench_ops  # noqa: E402
+from benchmarks.report import TOLERANCE, relative_error  # noqa: E402
+
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+# Small, and each layout the kernels see: (N, C) and channels-last.
+CASES = [("32x64", "float32"), ("32x64", "float64"), ("64x28x28x64,axis=-1", "float32")]
+
+
+@pytest.mark.parametrize("library", [lib for lib in _cases.LIBRARIES if lib != "numbanorm"])
+@pytest.mark.parametrize("op", _cases.OPS)
+@pytest.mark.parametrize("case, dtype", CASES)
+def test_every_library_times_the_same_computation(case, dtype, op, library):
+    if library == "torch" and not HAVE_TORCH:
+        pytest.skip("PyTorch is an optional benchmark peer")
+    # Fresh data for each library: the training forward updates the running statistics.
+    ours = _cases.prepare(op, "numbanorm", _cases.Data(case, dtype)).result()
+    theirs = _cases.prepare(op, library, _cases.Data(case, dtype)).result()
+    assert len(theirs) == len(ours)
+    assert relative_error(theirs, ours) <= TOLERANCE[dtype]
+
+
+def test_every_asv_benchmark_runs_on_one_case():
+    operations = [c for c in vars(bench_ops).values() if isinstance(c, type) and issubclass(c, bench_ops._Operation) and c.op]
+    assert sorted(c.op for c in operations) == sorted(_cases.OPS)
+    for cls in operations:
+        shapes, dtypes, libraries = cls.params
+        assert set(shapes) == set(_cases.CASES) and set(dtypes) == set(_cases.DTYPES) and "torch" in libraries
+        bench = cls()
+        bench.setup("32x64", "float32", "numbanorm")
+        methods = [name for name in dir(bench) if name.startswith(("time_", "peakmem_"))]
+        assert len(methods) == 2, (cls.__name__, methods)
+        for name in methods:
+            getattr(bench, name)("32x64", "float32", "numbanorm")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("asv") is None, reason="asv comes with the extra 'bench'")
+def test_asv_finds_the_suite():
+    result = subprocess.run(
+        [sys.executable, "-m", "asv", "check", "--python=same"], cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True,
+        text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
