@@ -34,14 +34,17 @@ def per_feature(rng, features, low, high):
 
 
 @contextlib.contextmanager
-def kernel_path(parallel):
-    """Run the kernels' parallel path (slabs per thread, merged) even on small arrays."""
-    saved = api.PARALLEL_MIN_BYTES
-    api.PARALLEL_MIN_BYTES = 0 if parallel else saved
+def kernel_path(path):
+    """Run the kernels' ``"serial"`` path, their ``"parallel"`` one (slabs per thread,
+    merged), or the parallel one with the backward's non-temporal stores (``"streamed"``),
+    whatever the array's size."""
+    saved = api.PARALLEL_MIN_BYTES, api.STREAM_MIN_BYTES
+    api.PARALLEL_MIN_BYTES = 1 << 62 if path == "serial" else 0
+    api.STREAM_MIN_BYTES = 0 if path == "streamed" else 1 << 62
     try:
         yield
     finally:
-        api.PARALLEL_MIN_BYTES = saved
+        api.PARALLEL_MIN_BYTES, api.STREAM_MIN_BYTES = saved
 
 
 @st.composite
@@ -64,7 +67,8 @@ def forward_cases(draw, training=None):
     return x, with_layout(x, layout), axis, gamma, beta, training, rng
 
 
-paths = st.sampled_from([False, True])
+PATHS = ("serial", "parallel", "streamed")
+paths = st.sampled_from(PATHS)
 
 
 # --- equality with the reference ----------------------------------------------------------
@@ -72,7 +76,7 @@ paths = st.sampled_from([False, True])
 
 @property_settings
 @given(forward_cases(), paths)
-def test_forward_matches_reference(case, parallel):
+def test_forward_matches_reference(case, path):
     x, x_laid_out, axis, gamma, beta, training, rng = case
     features = x.shape[axis]
     running_mean = rng.uniform(-50, 50, features).astype(x.dtype)
@@ -80,7 +84,7 @@ def test_forward_matches_reference(case, parallel):
     before = x_laid_out.copy()
     rm, rv = running_mean.copy(), running_var.copy()
 
-    with kernel_path(parallel):
+    with kernel_path(path):
         y, mean, invstd = numbanorm.batch_norm_forward(
             x_laid_out, gamma, beta, axis=axis, training=training, running_mean=rm, running_var=rv
         )
@@ -101,7 +105,7 @@ def test_forward_matches_reference(case, parallel):
 
 @property_settings
 @given(forward_cases(), paths)
-def test_backward_matches_reference(case, parallel):
+def test_backward_matches_reference(case, path):
     x, x_laid_out, axis, gamma, _, training, rng = case
     features = x.shape[axis]
     dy = rng.normal(size=x.shape).astype(x.dtype)
@@ -112,7 +116,7 @@ def test_backward_matches_reference(case, parallel):
     invstd = 1 / np.sqrt(var + 1e-5)
     dy_before = dy.copy()
 
-    with kernel_path(parallel):
+    with kernel_path(path):
         dx, dgamma, dbeta = numbanorm.batch_norm_backward(dy, x_laid_out, mean, invstd, gamma, axis=axis, training=training)
     ref_dx, ref_dgamma, ref_dbeta = reference.backward(dy, x, mean, invstd, gamma, axis=axis, training=training)
 
@@ -128,9 +132,9 @@ def test_backward_matches_reference(case, parallel):
 
 @property_settings
 @given(forward_cases(training=True), paths)
-def test_stats_match_reference(case, parallel):
+def test_stats_match_reference(case, path):
     x, x_laid_out, axis, *_ = case
-    with kernel_path(parallel):
+    with kernel_path(path):
         mean, var = numbanorm.batch_norm_stats(x_laid_out, axis=axis)
     ref_mean, ref_var = reference.stats(x, axis)
     scale = np.abs(x.astype(np.float64)).max(initial=1)
@@ -435,10 +439,10 @@ def test_large_arrays_take_the_parallel_path_and_match():
         assert_close(dgamma, ref_dgamma, np.float32, scale=np.abs(dy).sum())
 
 
-@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("features", [1, 5, 64, 300, 512])
-def test_narrow_rows_read_as_super_rows_match(features, dtype, parallel):
+def test_narrow_rows_read_as_super_rows_match(features, dtype, path):
     # The reductions read rows of at most 512 features k = 1024 // features at a time
     # (_kernels._super_rows), in blocks of BLOCK_BYTES: three blocks, then one more
     # super-row and a row left over, split between the slabs of the parallel path.
@@ -449,7 +453,7 @@ def test_narrow_rows_read_as_super_rows_match(features, dtype, parallel):
     offsets = rng.uniform(-1e4, 1e4, features)
     x = (rng.normal(0, 3, size=(rows, features)) + offsets).astype(dtype)
     dy = rng.normal(size=(rows, features)).astype(dtype)
-    with kernel_path(parallel):
+    with kernel_path(path):
         mean, var = numbanorm.batch_norm_stats(x)
         y, mean, invstd = numbanorm.batch_norm_forward(x)
         dx, dgamma, dbeta = numbanorm.batch_norm_backward(dy, x, mean, invstd)

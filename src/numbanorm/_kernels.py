@@ -23,6 +23,7 @@ from numba import njit, prange
 from numba.core.cpu import ParallelOptions
 
 from ._config import CACHE, FASTMATH
+from ._stream import VECTOR_BYTES, address, store_fence, stream_grad_input
 
 # Bytes in one block of the two-pass statistics: small enough that the second pass
 # over the block finds it in L2 (half of a 512 KiB L2), large enough to amortize the
@@ -289,6 +290,10 @@ def partial_stats(x, chunks, mean, m2):
 MEAN_HI, SCALE, SHIFT = 0, 1, 2  # rows of the forward's ``params``
 DY_SCALE, INVSTD, XHAT_SCALE, OFFSET = 1, 2, 3, 4  # rows of the backward's ``params`` (after MEAN_HI)
 FORWARD_ROWS, BACKWARD_ROWS = 3, 5
+# Columns of the backward's ``params`` past the last feature, repeating the first ones: a
+# streamed vector of ``(N, C)`` rows that starts at feature ``c`` reads ``params[:, c:c + lanes]``
+# whole, across the end of the row (``_slab_grad_input_streamed``). One float32 vector's lanes.
+PARAMS_PAD = VECTOR_BYTES // 4
 
 
 @jit
@@ -406,17 +411,21 @@ def _slab_grad_sums(dy, x, start, stop, mean, sum_dy, sum_dy_xmu):
 
 
 @jit
-def _slab_grad_input(dy, x, start, stop, params, dx):
+def _slab_grad_input(dy, x, start, stop, params, stream, dx):
     """``dx = dy * dy_scale - ((x - hi) * invstd) * xhat_scale - offset`` on rows ``start:stop``.
 
     ``(x - hi) * invstd`` (``xhat`` but for the mean's rounding, which is in
     ``offset``) is formed first so that no factor leaves float32's range:
     ``invstd**2`` would be subnormal for a standard deviation above 1e19.
+    ``stream``: ``(N, C)`` rows are written with non-temporal stores
+    (``_slab_grad_input_streamed``).
     """
     outer, features, inner = x.shape
     hi, invstd = params[MEAN_HI], params[INVSTD]
     dy_scale, xhat_scale, offset = params[DY_SCALE], params[XHAT_SCALE], params[OFFSET]
-    if inner == 1:
+    if inner == 1 and stream:
+        _slab_grad_input_streamed(dy, x, start, stop, params, dx)
+    elif inner == 1:
         rows = x.reshape((outer, features))
         grad_rows = dy.reshape((outer, features))
         out_rows = dx.reshape((outer, features))
@@ -434,6 +443,41 @@ def _slab_grad_input(dy, x, start, stop, params, dx):
                 out_run = dx[n, c]
                 for i in range(inner):
                     out_run[i] = grad_run[i] * a - (run[i] - centre) * scale * b - d
+
+
+@jit
+def _slab_grad_input_streamed(dy, x, start, stop, params, dx):
+    """``_slab_grad_input`` on ``(N, C)`` rows, ``dx`` written with non-temporal stores (``_stream``).
+
+    The rows run as one flat range. The values before ``dx``'s first 32-byte
+    aligned vector and after its last whole one are stored as usual; each
+    vector in between reads the features it covers from the padded ``params``
+    (``PARAMS_PAD``).
+    """
+    features = x.shape[1]
+    hi, invstd = params[MEAN_HI], params[INVSTD]
+    dy_scale, xhat_scale, offset = params[DY_SCALE], params[XHAT_SCALE], params[OFFSET]
+    flat_dy, flat_x, flat_dx = dy.reshape(-1), x.reshape(-1), dx.reshape(-1)
+    lanes = VECTOR_BYTES // dx.itemsize
+    first, last = start * features, stop * features
+    misalignment = (address(flat_dx) + first * dx.itemsize) % VECTOR_BYTES
+    body = min(first + (VECTOR_BYTES - misalignment) % VECTOR_BYTES // dx.itemsize, last)
+    end = body + (last - body) // lanes * lanes
+    for i in range(first, body):
+        c = i % features
+        xhat = (flat_x[i] - hi[c]) * invstd[c]
+        flat_dx[i] = flat_dy[i] * dy_scale[c] - xhat * xhat_scale[c] - offset[c]
+    c = body % features
+    for i in range(body, end, lanes):
+        stream_grad_input(flat_dx, i, c, flat_dy, flat_x, hi, invstd, dy_scale, xhat_scale, offset)
+        c += lanes
+        while c >= features:
+            c -= features
+    for i in range(end, last):
+        c = i % features
+        xhat = (flat_x[i] - hi[c]) * invstd[c]
+        flat_dx[i] = flat_dy[i] * dy_scale[c] - xhat * xhat_scale[c] - offset[c]
+    store_fence()
 
 
 @jit
@@ -499,21 +543,22 @@ def grad_sums(dy, x, mean, chunks, sum_dy, sum_dy_xmu):
 
 
 @parallel_jit
-def grad_input(dy, x, params, training, chunks, dx):
+def grad_input(dy, x, params, training, chunks, stream, dx):
     """``dx`` from the per-feature rows of ``grad_params``.
 
     Without ``training`` the statistics are constants and ``dx = dy * dy_scale``:
-    ``x`` is not read, so a NaN in it cannot reach ``dx``.
+    ``x`` is not read, so a NaN in it cannot reach ``dx``. ``stream``: write
+    ``(N, C)`` rows of ``dx`` with non-temporal stores (``_slab_grad_input_streamed``).
     """
     outer = x.shape[0]
     chunks = max(1, min(chunks, outer))
     if training:
         if chunks == 1:
-            _slab_grad_input(dy, x, ZERO, outer, params, dx)
+            _slab_grad_input(dy, x, ZERO, outer, params, stream, dx)
         else:
             for t in prange(chunks):
                 start, stop = _bounds(outer, chunks, t)
-                _slab_grad_input(dy, x, start, stop, params, dx)
+                _slab_grad_input(dy, x, start, stop, params, stream, dx)
     else:
         if chunks == 1:
             _slab_scale(dy, ZERO, outer, params, dx)
@@ -526,6 +571,8 @@ def grad_input(dy, x, params, training, chunks, dx):
 @jit
 def grad_params(mean, invstd, gamma, sum_dy, sum_dy_xhat, count, params):
     """The backward's per-feature rows (``BACKWARD_ROWS`` rows, ``dx``'s dtype) for ``grad_input``.
+
+    ``params`` may have columns past the features (``PARAMS_PAD``): they repeat the first ones.
 
     ``dx = gamma * invstd * (dy - sum_dy / count - xhat * sum_dy_xhat / count)``,
     with ``xhat = (x - hi) * invstd - lo * invstd`` and the constant part of
@@ -540,17 +587,21 @@ def grad_params(mean, invstd, gamma, sum_dy, sum_dy_xhat, count, params):
         params[INVSTD, c] = invstd[c]
         params[XHAT_SCALE, c] = xhat_scale
         params[OFFSET, c] = dy_scale * sum_dy[c] / count - (lo * invstd[c]) * xhat_scale
+    features = mean.shape[0]
+    for row in range(params.shape[0] if features else 0):
+        for c in range(features, params.shape[1]):  # PARAMS_PAD
+            params[row, c] = params[row, (c - features) % features]
 
 
 @jit
-def backward(dy, x, mean, invstd, gamma, training, chunks, dx, dgamma, dbeta, params):
+def backward(dy, x, mean, invstd, gamma, training, chunks, stream, dx, dgamma, dbeta, params):
     """Gradients of batch normalization into ``dx``, ``dgamma`` and ``dbeta`` (float64).
 
     Training: ``dx = gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))``.
     Inference (the statistics are constants): ``dx = gamma * invstd * dy``.
-    ``params`` (``BACKWARD_ROWS`` rows, ``dx``'s dtype) is scratch.
+    ``params`` (``BACKWARD_ROWS`` rows, ``dx``'s dtype) is scratch; ``stream``: see ``grad_input``.
     """
     grad_sums(dy, x, mean, chunks, dbeta, dgamma)
     dgamma *= invstd  # sum(dy * (x - mean)) * invstd = sum(dy * xhat)
     grad_params(mean, invstd, gamma, dbeta, dgamma, x.shape[0] * x.shape[2], params)
-    grad_input(dy, x, params, training, chunks, dx)
+    grad_input(dy, x, params, training, chunks, stream, dx)

@@ -18,7 +18,7 @@ import numpy as np
 from numpy.exceptions import AxisError
 
 from . import _kernels
-from ._config import PARALLEL_MIN_BYTES, check_threading_layer
+from ._config import PARALLEL_MIN_BYTES, STREAM_MIN_BYTES, check_threading_layer
 
 __all__ = [
     "batch_norm_stats",
@@ -164,6 +164,11 @@ def _finish(y3, out, shape, transposed, dtype):
     if not np.may_share_memory(y, out):
         out[...] = y
     return out
+
+
+def _stream(dx3):
+    """Whether the backward writes ``dx3`` with non-temporal stores (``NUMBANORM_STREAM_MIN_BYTES``)."""
+    return dx3.shape[2] == 1 and dx3.nbytes >= STREAM_MIN_BYTES
 
 
 _threading_layer_known = False
@@ -520,8 +525,8 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=1, training=Tru
     dx3 = np.empty(x3.shape, dtype=x3.dtype)
     dgamma = np.empty(features)
     dbeta = np.empty(features)
-    params = np.empty((_kernels.BACKWARD_ROWS, features), dtype=x3.dtype)
-    _kernels.backward(dy3, x3, mean, invstd, gamma, bool(training), _chunks(x3.nbytes), dx3, dgamma, dbeta, params)
+    params = np.empty((_kernels.BACKWARD_ROWS, features + _kernels.PARAMS_PAD), dtype=x3.dtype)
+    _kernels.backward(dy3, x3, mean, invstd, gamma, bool(training), _chunks(x3.nbytes), _stream(dx3), dx3, dgamma, dbeta, params)
     # Sums over the batch overflow float16: its parameter gradients stay in float32.
     parameter_dtype = _compute_dtype(dtype)
     return (
@@ -593,8 +598,8 @@ def batch_norm_backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, c
     sum_dy = _per_feature(sum_dy, "sum_dy", features)
     sum_dy_xhat = _per_feature(sum_dy_xhat, "sum_dy_xhat", features)
     count = _number(count, "count", 1.0, math.inf)
-    params = np.empty((_kernels.BACKWARD_ROWS, features), dtype=x3.dtype)
+    params = np.empty((_kernels.BACKWARD_ROWS, features + _kernels.PARAMS_PAD), dtype=x3.dtype)
     _kernels.grad_params(mean, invstd, gamma, sum_dy, sum_dy_xhat, count, params)
     dx3 = np.empty(x3.shape, dtype=x3.dtype)
-    _kernels.grad_input(dy3, x3, params, True, _chunks(x3.nbytes), dx3)
+    _kernels.grad_input(dy3, x3, params, True, _chunks(x3.nbytes), _stream(dx3), dx3)
     return _finish(dx3, None, x.shape, transposed, dtype)
