@@ -17,13 +17,14 @@
     ``NUMBANORM_PARALLEL_MIN_SIZE``, its former name (a count of values), is not
     read; setting it gives a ``FutureWarning``.
 ``NUMBANORM_STREAM_MIN_BYTES``
-    The training backward writes ``dx`` with non-temporal stores, which bypass
-    the cache, when ``dx`` has at least this many bytes (default 10485760,
-    10 MiB) and its feature axis is the last or ``(N, C)``'s: so large a
-    ``dx`` would not be read back from cache anyway, and a plain store reads
-    every line before writing it. On the 2-core machine (32 MB of L3) the
-    benchmarks ran on, this made the backward of 10-134 MB ``(N, C)`` and
-    channels-last arrays up to 47 % faster (most by 5-20 %, none slower).
+    Outputs of at least this many bytes (default 10485760, 10 MiB) whose
+    feature axis is the last one, or ``(N, C)``'s, are written with
+    non-temporal stores, which bypass the cache: so large an output would not
+    be read back from cache anyway, and a plain store reads every line before
+    writing it. (Not a forward's new output above 32 MiB: ``api._stream``.)
+    On the 2-core machine (32 MB of L3) the benchmarks ran on, the backward
+    of 10-134 MB arrays got up to 47 % faster (most by 5-20 %, none slower),
+    the forward and inference of 10-32 MB ones up to 27 %.
 
 Threads: the kernels use ``numba.get_num_threads()``, so ``NUMBA_NUM_THREADS``
 and ``numba.set_num_threads`` apply as for any Numba code.

@@ -23,7 +23,7 @@ from numba import njit, prange
 from numba.core.cpu import ParallelOptions
 
 from ._config import CACHE, FASTMATH
-from ._stream import VECTOR_BYTES, address, store_fence, stream_grad_input
+from ._stream import VECTOR_BYTES, address, store_fence, stream_grad_input, stream_normalize
 
 # Bytes in one block of the two-pass statistics: small enough that the second pass
 # over the block finds it in L2 (half of a 512 KiB L2), large enough to amortize the
@@ -290,10 +290,31 @@ def partial_stats(x, chunks, mean, m2):
 MEAN_HI, SCALE, SHIFT = 0, 1, 2  # rows of the forward's ``params``
 DY_SCALE, INVSTD, XHAT_SCALE, OFFSET = 1, 2, 3, 4  # rows of the backward's ``params`` (after MEAN_HI)
 FORWARD_ROWS, BACKWARD_ROWS = 3, 5
-# Columns of the backward's ``params`` past the last feature, repeating the first ones: a
-# streamed vector of ``(N, C)`` rows that starts at feature ``c`` reads ``params[:, c:c + lanes]``
-# whole, across the end of the row (``_slab_grad_input_streamed``). One float32 vector's lanes.
+# Columns of ``params`` past the last feature, repeating the first ones: a streamed vector
+# of ``(N, C)`` rows that starts at feature ``c`` reads ``params[:, c:c + lanes]`` whole,
+# across the end of the row (``_stream_span``). One float32 vector's lanes.
 PARAMS_PAD = VECTOR_BYTES // 4
+
+
+@jit
+def _pad_params(params, features):
+    """Columns ``features:`` of ``params`` repeat its columns from the first on (``PARAMS_PAD``)."""
+    for row in range(params.shape[0] if features else 0):
+        for c in range(features, params.shape[1]):
+            params[row, c] = params[row, (c - features) % features]
+
+
+@jit
+def _stream_span(out, first, last):
+    """``[body, end)``: the part of the flat ``out[first:last]`` that whole 32-byte aligned vectors cover.
+
+    The streamed kernels store the values before ``body`` and from ``end`` on
+    as usual, and those in between with non-temporal vector stores.
+    """
+    lanes = VECTOR_BYTES // out.itemsize
+    misalignment = (address(out) + first * out.itemsize) % VECTOR_BYTES
+    body = min(first + (VECTOR_BYTES - misalignment) % VECTOR_BYTES // out.itemsize, last)
+    return body, body + (last - body) // lanes * lanes
 
 
 @jit
@@ -305,14 +326,33 @@ def normalize_params(mean, invstd, gamma, beta, params):
         scale = gamma[c] * invstd[c]
         params[SCALE, c] = scale
         params[SHIFT, c] = beta[c] - lo * scale
+    _pad_params(params, mean.shape[0])
 
 
 @jit
-def _slab_normalize(x, start, stop, params, y):
-    """``y = (x - hi) * scale + shift`` on rows ``start:stop``."""
+def _slab_normalize(x, start, stop, params, stream, y):
+    """``y = (x - hi) * scale + shift`` on rows ``start:stop``.
+
+    ``stream``: ``(N, C)`` rows are written with non-temporal stores (``_stream_span``).
+    """
     outer, features, inner = x.shape
     hi, scale, shift = params[MEAN_HI], params[SCALE], params[SHIFT]
-    if inner == 1:
+    if inner == 1 and stream:
+        flat_x, flat_y = x.reshape(-1), y.reshape(-1)
+        first, last = start * features, stop * features
+        body, end = _stream_span(flat_y, first, last)
+        for i in range(first, body):
+            flat_y[i] = (flat_x[i] - hi[i % features]) * scale[i % features] + shift[i % features]
+        c = body % features
+        for i in range(body, end, VECTOR_BYTES // y.itemsize):
+            stream_normalize(flat_y, i, c, flat_x, hi, scale, shift)
+            c += VECTOR_BYTES // y.itemsize
+            while c >= features:
+                c -= features
+        for i in range(end, last):
+            flat_y[i] = (flat_x[i] - hi[i % features]) * scale[i % features] + shift[i % features]
+        store_fence()
+    elif inner == 1:
         rows = x.reshape((outer, features))
         out_rows = y.reshape((outer, features))
         for n in range(start, stop):
@@ -329,23 +369,27 @@ def _slab_normalize(x, start, stop, params, y):
 
 
 @parallel_jit
-def normalize(x, params, chunks, y):
-    """``y = (x - hi) * scale + shift`` per feature (``normalize_params``); ``y`` may be ``x``."""
+def normalize(x, params, chunks, stream, y):
+    """``y = (x - hi) * scale + shift`` per feature (``normalize_params``); ``y`` may be ``x``.
+
+    ``stream``: write ``(N, C)`` rows of ``y`` with non-temporal stores.
+    """
     outer = x.shape[0]
     chunks = max(1, min(chunks, outer))
     if chunks == 1:
-        _slab_normalize(x, ZERO, outer, params, y)
+        _slab_normalize(x, ZERO, outer, params, stream, y)
     else:
         for t in prange(chunks):
             start, stop = _bounds(outer, chunks, t)
-            _slab_normalize(x, start, stop, params, y)
+            _slab_normalize(x, start, stop, params, stream, y)
 
 
 @jit
-def forward_train(x, gamma, beta, eps, chunks, y, mean, var, invstd, params):
+def forward_train(x, gamma, beta, eps, chunks, stream, y, mean, var, invstd, params):
     """Batch statistics of ``x`` into ``mean``/``var``/``invstd``, then ``y``.
 
-    ``var`` is the biased variance; ``params`` (``FORWARD_ROWS`` rows, ``x``'s dtype) is scratch.
+    ``var`` is the biased variance; ``params`` (``FORWARD_ROWS`` rows, ``x``'s dtype) is scratch;
+    ``stream``: see ``normalize``.
     Returns the number of values per feature.
     """
     count = partial_stats(x, chunks, mean, var)
@@ -353,7 +397,7 @@ def forward_train(x, gamma, beta, eps, chunks, y, mean, var, invstd, params):
     for c in range(var.shape[0]):
         invstd[c] = 1.0 / np.sqrt(var[c] + eps)
     normalize_params(mean, invstd, gamma, beta, params)
-    normalize(x, params, chunks, y)
+    normalize(x, params, chunks, stream, y)
     return count
 
 
@@ -447,12 +491,10 @@ def _slab_grad_input(dy, x, start, stop, params, stream, dx):
 
 @jit
 def _slab_grad_input_streamed(dy, x, start, stop, params, dx):
-    """``_slab_grad_input`` on ``(N, C)`` rows, ``dx`` written with non-temporal stores (``_stream``).
+    """``_slab_grad_input`` on ``(N, C)`` rows, ``dx`` written with non-temporal stores.
 
-    The rows run as one flat range. The values before ``dx``'s first 32-byte
-    aligned vector and after its last whole one are stored as usual; each
-    vector in between reads the features it covers from the padded ``params``
-    (``PARAMS_PAD``).
+    The rows run as one flat range (``_stream_span``); each vector reads the
+    features it covers from the padded ``params`` (``PARAMS_PAD``).
     """
     features = x.shape[1]
     hi, invstd = params[MEAN_HI], params[INVSTD]
@@ -460,9 +502,7 @@ def _slab_grad_input_streamed(dy, x, start, stop, params, dx):
     flat_dy, flat_x, flat_dx = dy.reshape(-1), x.reshape(-1), dx.reshape(-1)
     lanes = VECTOR_BYTES // dx.itemsize
     first, last = start * features, stop * features
-    misalignment = (address(flat_dx) + first * dx.itemsize) % VECTOR_BYTES
-    body = min(first + (VECTOR_BYTES - misalignment) % VECTOR_BYTES // dx.itemsize, last)
-    end = body + (last - body) // lanes * lanes
+    body, end = _stream_span(flat_dx, first, last)
     for i in range(first, body):
         c = i % features
         xhat = (flat_x[i] - hi[c]) * invstd[c]
@@ -587,10 +627,7 @@ def grad_params(mean, invstd, gamma, sum_dy, sum_dy_xhat, count, params):
         params[INVSTD, c] = invstd[c]
         params[XHAT_SCALE, c] = xhat_scale
         params[OFFSET, c] = dy_scale * sum_dy[c] / count - (lo * invstd[c]) * xhat_scale
-    features = mean.shape[0]
-    for row in range(params.shape[0] if features else 0):
-        for c in range(features, params.shape[1]):  # PARAMS_PAD
-            params[row, c] = params[row, (c - features) % features]
+    _pad_params(params, mean.shape[0])
 
 
 @jit

@@ -1,15 +1,16 @@
-"""Non-temporal ("streaming") vector stores for the backward's ``dx``.
+"""Non-temporal ("streaming") vector stores for the element-wise passes' outputs.
 
 A plain store to a line that is not in cache first reads the line (the
 read-for-ownership), then leaves it in cache, where it evicts the inputs. A
-non-temporal store writes the line straight to memory. For the backward's
-element-wise pass, which reads ``dy`` and ``x`` and writes ``dx``, that is a
-fifth less traffic, once ``dx`` is too large to be read back from cache anyway.
-Numba cannot ask for such a store, so ``stream_grad_input`` emits the LLVM IR
-itself: one 32-byte vector of ``dx``, stored with ``!nontemporal`` metadata at
-an address that must be 32-byte aligned (the kernel peels scalar values until
-it is). Non-temporal stores are weakly ordered: a slab ends with
-``store_fence()`` before its thread reports that it is done.
+non-temporal store writes the line straight to memory: once the output is too
+large to be read back from cache anyway, that saves a fifth of the backward's
+element-wise traffic (it reads ``dy`` and ``x``) and a third of the forward's.
+Numba cannot ask for such a store, so the intrinsics here emit the LLVM IR
+themselves: each computes one 32-byte vector of the output and stores it with
+``!nontemporal`` metadata, at an address that must be 32-byte aligned (the
+kernels peel scalar values until it is). Non-temporal stores are weakly
+ordered: a slab ends with ``store_fence()`` before its thread reports that it
+is done.
 """
 
 import platform
@@ -60,34 +61,56 @@ def _load(context, builder, array_type, array, index, vector_type):
     return builder.load(pointer, align=array_type.dtype.bitwidth // 8)
 
 
-@intrinsic
-def stream_grad_input(typingctx, dx, i, c, dy, x, hi, invstd, dy_scale, xhat_scale, offset):
-    """``dx[i:i+lanes] = dy * dy_scale - ((x - hi) * invstd) * xhat_scale - offset``, stored non-temporally.
+def _streamed(inputs, expression):
+    """The codegen of ``out[i : i + lanes] = expression(inputs..., per-feature rows...)``, stored non-temporally.
 
-    ``dx``, ``dy`` and ``x`` are flat and read at ``i``; the per-feature rows
-    ``hi`` .. ``offset`` are read at feature ``c`` (consecutive values of
-    ``(N, C)`` rows are consecutive features, and the rows are padded past the
-    last feature: ``_kernels.PARAMS_PAD``). The expression is
-    ``_kernels._slab_grad_input``'s, operation for operation. ``dx[i]`` must
-    be 32-byte aligned.
+    Arguments: ``out, i, c``; then ``inputs`` flat arrays read at ``i``; then
+    the per-feature rows, read at feature ``c``.
     """
-    signature = types.void(dx, i, c, dy, x, hi, invstd, dy_scale, xhat_scale, offset)
 
     def codegen(context, builder, signature, args):
-        dx_type = signature.args[0]
-        vector_type = ir.VectorType(context.get_value_type(dx_type.dtype), VECTOR_BYTES * 8 // dx_type.dtype.bitwidth)
-        dx_value, i, c = args[:3]
-        grad, values = (_load(context, builder, t, a, i, vector_type) for t, a in zip(signature.args[3:5], args[3:5]))
-        hi, invstd, dy_scale, xhat_scale, offset = (
-            _load(context, builder, t, a, c, vector_type) for t, a in zip(signature.args[5:], args[5:])
-        )
-        xhat = builder.fmul(builder.fsub(values, hi, flags=_FLAGS), invstd, flags=_FLAGS)
-        scaled = builder.fsub(builder.fmul(grad, dy_scale, flags=_FLAGS), builder.fmul(xhat, xhat_scale, flags=_FLAGS), flags=_FLAGS)
-        result = builder.fsub(scaled, offset, flags=_FLAGS)
-        data = context.make_array(dx_type)(context, builder, dx_value).data
+        out_type = signature.args[0]
+        vector_type = ir.VectorType(context.get_value_type(out_type.dtype), VECTOR_BYTES * 8 // out_type.dtype.bitwidth)
+        out, i, c = args[:3]
+        operands = [
+            _load(context, builder, kind, value, i if n < inputs else c, vector_type)
+            for n, (kind, value) in enumerate(zip(signature.args[3:], args[3:]))
+        ]
+        data = context.make_array(out_type)(context, builder, out).data
         pointer = builder.bitcast(builder.gep(data, [i]), vector_type.as_pointer())
-        store = builder.store(result, pointer, align=VECTOR_BYTES)
+        store = builder.store(expression(builder, *operands), pointer, align=VECTOR_BYTES)
         store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
         return context.get_dummy_value()
 
-    return signature, codegen
+    return codegen
+
+
+def _normalized(b, x, hi, scale, shift):
+    return b.fadd(b.fmul(b.fsub(x, hi, flags=_FLAGS), scale, flags=_FLAGS), shift, flags=_FLAGS)
+
+
+def _input_gradient(b, dy, x, hi, invstd, dy_scale, xhat_scale, offset):
+    xhat = b.fmul(b.fsub(x, hi, flags=_FLAGS), invstd, flags=_FLAGS)
+    scaled = b.fsub(b.fmul(dy, dy_scale, flags=_FLAGS), b.fmul(xhat, xhat_scale, flags=_FLAGS), flags=_FLAGS)
+    return b.fsub(scaled, offset, flags=_FLAGS)
+
+
+@intrinsic
+def stream_normalize(typingctx, y, i, c, x, hi, scale, shift):
+    """``y[i:i+lanes] = (x - hi) * scale + shift``, as ``_kernels._slab_normalize``; ``y[i]`` 32-byte aligned.
+
+    ``y`` and ``x`` are flat and read at ``i``; the per-feature rows are read
+    at feature ``c`` (consecutive values of ``(N, C)`` rows are consecutive
+    features, and the rows are padded past the last feature: ``_kernels.PARAMS_PAD``).
+    """
+    return types.void(y, i, c, x, hi, scale, shift), _streamed(1, _normalized)
+
+
+@intrinsic
+def stream_grad_input(typingctx, dx, i, c, dy, x, hi, invstd, dy_scale, xhat_scale, offset):
+    """``dx[i:i+lanes] = dy * dy_scale - ((x - hi) * invstd) * xhat_scale - offset``; ``dx[i]`` 32-byte aligned.
+
+    As ``_kernels._slab_grad_input``, operation for operation; arguments as
+    for ``stream_normalize``.
+    """
+    return types.void(dx, i, c, dy, x, hi, invstd, dy_scale, xhat_scale, offset), _streamed(2, _input_gradient)
