@@ -469,6 +469,18 @@ def test_narrow_rows_read_as_super_rows_match(features, dtype, path):
     assert_close(dgamma, ref_dgamma, dtype, scale=np.abs(dy.astype(np.float64)).sum(axis=0).max())
 
 
+def test_only_large_rows_are_streamed():
+    # NUMBANORM_STREAM_MIN_BYTES (10 MiB): (N, C) and channels-last outputs from there on,
+    # but a forward's new output above 32 MiB is not streamed (api._stream says why).
+    mib = 2**20
+    assert api._stream(np.empty((3 * mib, 1, 1), np.float32))  # 12 MiB
+    assert not api._stream(np.empty((2 * mib, 1, 1), np.float32))  # 8 MiB
+    assert not api._stream(np.empty((3 * mib // 4, 4, 1), np.float32)[:, :, :0])  # empty
+    assert not api._stream(np.empty((mib // 2, 4, 6), np.float32))  # (N, C, H, W)
+    large = np.empty((9 * mib, 1, 1), np.float32)  # 36 MiB, pages never touched
+    assert api._stream(large) and not api._stream(large, forward_into_new=True)
+
+
 # --- bad input -------------------------------------------------------------------------------
 
 X = np.arange(24, dtype=np.float32).reshape(6, 4)
