@@ -15,7 +15,9 @@ input dtype; the mean and variance come from a blocked two-pass (each block's
 mean, then its squared deviations while the block is still in cache) merged
 block by block with Chan's update, so the input is read once from memory
 (when one row of one feature fits in a block) and ``E[x**2] - E[x]**2``
-never appears.
+never appears. The element-wise passes can write ``(N, C)`` outputs with
+non-temporal stores (``stream``; ``_stream.py``), which ``api.py`` asks for on
+large arrays.
 """
 
 import numpy as np
