@@ -19,7 +19,6 @@ sys.path.insert(0, str(ROOT))  # benchmarks/ is a package at the root, not insta
 from benchmarks import _cases, bench_ops  # noqa: E402
 from benchmarks.report import TOLERANCE, relative_error  # noqa: E402
 
-HAVE_TORCH = importlib.util.find_spec("torch") is not None
 # Small, and each layout the kernels see: (N, C) and channels-last.
 CASES = [("32x64", "float32"), ("32x64", "float64"), ("64x28x28x64,axis=-1", "float32")]
 
@@ -28,8 +27,8 @@ CASES = [("32x64", "float32"), ("32x64", "float64"), ("64x28x28x64,axis=-1", "fl
 @pytest.mark.parametrize("op", _cases.OPS)
 @pytest.mark.parametrize("case, dtype", CASES)
 def test_every_library_times_the_same_computation(case, dtype, op, library):
-    if library == "torch" and not HAVE_TORCH:
-        pytest.skip("PyTorch is an optional benchmark peer")
+    if library == "torch":
+        pytest.importorskip("torch", reason="PyTorch is an optional benchmark peer")
     # Fresh data for each library: the training forward updates the running statistics.
     ours = _cases.prepare(op, "numbanorm", _cases.Data(case, dtype)).result()
     theirs = _cases.prepare(op, library, _cases.Data(case, dtype)).result()

@@ -335,25 +335,13 @@ def normalize_params(mean, invstd, gamma, beta, params):
 def _slab_normalize(x, start, stop, params, stream, y):
     """``y = (x - hi) * scale + shift`` on rows ``start:stop``.
 
-    ``stream``: ``(N, C)`` rows are written with non-temporal stores (``_stream_span``).
+    ``stream``: ``(N, C)`` rows are written with non-temporal stores
+    (``_slab_normalize_streamed``).
     """
     outer, features, inner = x.shape
     hi, scale, shift = params[MEAN_HI], params[SCALE], params[SHIFT]
     if inner == 1 and stream:
-        flat_x, flat_y = x.reshape(-1), y.reshape(-1)
-        first, last = start * features, stop * features
-        body, end = _stream_span(flat_y, first, last)
-        for i in range(first, body):
-            flat_y[i] = (flat_x[i] - hi[i % features]) * scale[i % features] + shift[i % features]
-        c = body % features
-        for i in range(body, end, VECTOR_BYTES // y.itemsize):
-            stream_normalize(flat_y, i, c, flat_x, hi, scale, shift)
-            c += VECTOR_BYTES // y.itemsize
-            while c >= features:
-                c -= features
-        for i in range(end, last):
-            flat_y[i] = (flat_x[i] - hi[i % features]) * scale[i % features] + shift[i % features]
-        store_fence()
+        _slab_normalize_streamed(x, start, stop, params, y)
     elif inner == 1:
         rows = x.reshape((outer, features))
         out_rows = y.reshape((outer, features))
@@ -368,6 +356,34 @@ def _slab_normalize(x, start, stop, params, stream, y):
                 out_run = y[n, c]
                 for i in range(inner):
                     out_run[i] = (run[i] - centre) * factor + offset
+
+
+@jit
+def _slab_normalize_streamed(x, start, stop, params, y):
+    """``_slab_normalize`` on ``(N, C)`` rows, ``y`` written with non-temporal stores.
+
+    The rows run as one flat range (``_stream_span``); each vector reads the
+    features it covers from the padded ``params`` (``PARAMS_PAD``).
+    """
+    features = x.shape[1]
+    hi, scale, shift = params[MEAN_HI], params[SCALE], params[SHIFT]
+    flat_x, flat_y = x.reshape(-1), y.reshape(-1)
+    lanes = VECTOR_BYTES // y.itemsize
+    first, last = start * features, stop * features
+    body, end = _stream_span(flat_y, first, last)
+    for i in range(first, body):
+        c = i % features
+        flat_y[i] = (flat_x[i] - hi[c]) * scale[c] + shift[c]
+    c = body % features
+    for i in range(body, end, lanes):
+        stream_normalize(flat_y, i, c, flat_x, hi, scale, shift)
+        c += lanes
+        while c >= features:
+            c -= features
+    for i in range(end, last):
+        c = i % features
+        flat_y[i] = (flat_x[i] - hi[c]) * scale[c] + shift[c]
+    store_fence()
 
 
 @parallel_jit
