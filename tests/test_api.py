@@ -36,8 +36,8 @@ def per_feature(rng, features, low, high):
 @contextlib.contextmanager
 def kernel_path(path):
     """Run the kernels' ``"serial"`` path, their ``"parallel"`` one (slabs per thread,
-    merged), or the parallel one with the backward's non-temporal stores (``"streamed"``),
-    whatever the array's size."""
+    merged), or the parallel one writing ``(N, C)`` outputs with non-temporal stores
+    (``"streamed"``), whatever the array's size."""
     saved = api.PARALLEL_MIN_BYTES, api.STREAM_MIN_BYTES
     api.PARALLEL_MIN_BYTES = 1 << 62 if path == "serial" else 0
     api.STREAM_MIN_BYTES = 0 if path == "streamed" else 1 << 62
@@ -469,10 +469,11 @@ def test_narrow_rows_read_as_super_rows_match(features, dtype, path):
     assert_close(dgamma, ref_dgamma, dtype, scale=np.abs(dy.astype(np.float64)).sum(axis=0).max())
 
 
-def test_only_large_rows_are_streamed():
-    # NUMBANORM_STREAM_MIN_BYTES (10 MiB): (N, C) and channels-last outputs from there on,
-    # but a forward's new output above 32 MiB is not streamed (api._stream says why).
+def test_only_large_rows_are_streamed(monkeypatch):
+    # NUMBANORM_STREAM_MIN_BYTES (default 10 MiB): (N, C) and channels-last outputs from
+    # there on, but a forward's new output above 32 MiB is not streamed (api._stream says why).
     mib = 2**20
+    monkeypatch.setattr(api, "STREAM_MIN_BYTES", 10 * mib)
     assert api._stream(np.empty((3 * mib, 1, 1), np.float32))  # 12 MiB
     assert not api._stream(np.empty((2 * mib, 1, 1), np.float32))  # 8 MiB
     assert not api._stream(np.empty((3 * mib // 4, 4, 1), np.float32)[:, :, :0])  # empty
