@@ -17,6 +17,7 @@ import platform
 
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 VECTOR_BYTES = 32  # one AVX register; on narrower targets LLVM splits the store
@@ -45,8 +46,8 @@ def store_fence(typingctx):
 
     def codegen(context, builder, signature, args):
         if platform.machine().lower() in ("x86_64", "amd64"):
-            sfence = ir.Function(builder.module, ir.FunctionType(ir.VoidType(), []), name="llvm.x86.sse.sfence")
-            builder.call(builder.module.globals.get(sfence.name, sfence), [])
+            sfence = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse.sfence")
+            builder.call(sfence, [])
         else:
             builder.fence("seq_cst")
         return context.get_dummy_value()
