@@ -184,6 +184,12 @@ def _stream(out3, forward_into_new=False):
     return not (forward_into_new and out3.nbytes > FRESH_PAGES_BYTES)
 
 
+def _params(rows, x3):
+    """Scratch for a kernel's per-feature rows, in ``x3``'s dtype, padded for the streamed
+    kernels, whose vectors read ``_kernels.PARAMS_PAD`` columns past the last feature."""
+    return np.empty((rows, x3.shape[1] + _kernels.PARAMS_PAD), dtype=x3.dtype)
+
+
 _threading_layer_known = False
 
 
@@ -445,17 +451,16 @@ def batch_norm_forward(
     y3 = _output(out, x, x3, axis, transposed, x.dtype)
     chunks = _chunks(x3.nbytes)
     stream = _stream(y3, forward_into_new=out is None or not np.may_share_memory(y3, out))
+    params = _params(_kernels.FORWARD_ROWS, x3)
     if training:
         mean = np.empty(features)
         var = np.empty(features)
         invstd = np.empty(features)
-        params = np.empty((_kernels.FORWARD_ROWS, features + _kernels.PARAMS_PAD), dtype=x3.dtype)
         _kernels.forward_train(x3, gamma, beta, eps, chunks, stream, y3, mean, var, invstd, params)
         if running_mean is not None:
             _update_running(running_mean, running_var, mean, var, momentum, count)
     else:
         invstd = 1.0 / np.sqrt(var + eps)
-        params = np.empty((_kernels.FORWARD_ROWS, features + _kernels.PARAMS_PAD), dtype=x3.dtype)
         _kernels.normalize_params(mean, invstd, gamma, beta, params)
         _kernels.normalize(x3, params, chunks, stream, y3)
     return _finish(y3, out, x.shape, transposed, x.dtype), mean, invstd
@@ -539,7 +544,7 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=1, training=Tru
     dx3 = np.empty(x3.shape, dtype=x3.dtype)
     dgamma = np.empty(features)
     dbeta = np.empty(features)
-    params = np.empty((_kernels.BACKWARD_ROWS, features + _kernels.PARAMS_PAD), dtype=x3.dtype)
+    params = _params(_kernels.BACKWARD_ROWS, x3)
     _kernels.backward(dy3, x3, mean, invstd, gamma, bool(training), _chunks(x3.nbytes), _stream(dx3), dx3, dgamma, dbeta, params)
     # Sums over the batch overflow float16: its parameter gradients stay in float32.
     parameter_dtype = _compute_dtype(dtype)
@@ -612,7 +617,7 @@ def batch_norm_backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, c
     sum_dy = _per_feature(sum_dy, "sum_dy", features)
     sum_dy_xhat = _per_feature(sum_dy_xhat, "sum_dy_xhat", features)
     count = _number(count, "count", 1.0, math.inf)
-    params = np.empty((_kernels.BACKWARD_ROWS, features + _kernels.PARAMS_PAD), dtype=x3.dtype)
+    params = _params(_kernels.BACKWARD_ROWS, x3)
     _kernels.grad_params(mean, invstd, gamma, sum_dy, sum_dy_xhat, count, params)
     dx3 = np.empty(x3.shape, dtype=x3.dtype)
     _kernels.grad_input(dy3, x3, params, True, _chunks(x3.nbytes), _stream(dx3), dx3)
