@@ -157,6 +157,40 @@ def test_out_receives_the_result(case, in_place, path):
     np.testing.assert_array_equal(out, expected)
 
 
+@property_settings
+@given(forward_cases(), st.sampled_from(["new", "dy", "x", "overlapping dy"]), st.booleans(), paths)
+def test_backward_out_receives_dx(case, target, elemt, path):
+    x, x_laid_out, axis, gamma, _, training, rng = case
+    if not x_laid_out.flags.writeable:
+        x_laid_out = x_laid_out.copy()
+    # dy in a buffer one value longer, so that an ``out`` one value into it overlaps it in part.
+    buffer = np.empty(x.size + 1, dtype=x.dtype)
+    dy = buffer[:-1].reshape(x.shape)
+    dy[...] = rng.normal(size=x.shape)
+    _, mean, invstd = numbanorm.batch_norm_forward(x, gamma, axis=axis)
+    sum_dy, sum_dy_xhat = numbanorm.batch_norm_backward_reduce(dy, x, mean, invstd, axis=axis)
+
+    def backward(out=None):
+        if elemt:
+            count = x.size // x.shape[axis]
+            return numbanorm.batch_norm_backward_elemt(
+                dy, x_laid_out, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, axis=axis, out=out
+            )
+        return numbanorm.batch_norm_backward(dy, x_laid_out, mean, invstd, gamma, axis=axis, training=training, out=out)[0]
+
+    with kernel_path(path):
+        expected = backward()
+        out = {
+            "new": np.full_like(x_laid_out, np.nan),
+            "dy": dy,
+            "x": x_laid_out,
+            "overlapping dy": buffer[1:].reshape(x.shape),
+        }[target]
+        dx = backward(out)
+    assert dx is out
+    np.testing.assert_array_equal(out, expected)
+
+
 # --- gradients against finite differences ----------------------------------------------------
 
 
@@ -471,15 +505,18 @@ def test_narrow_rows_read_as_super_rows_match(features, dtype, path):
 
 def test_only_large_rows_are_streamed(monkeypatch):
     # NUMBANORM_STREAM_MIN_BYTES (default 10 MiB): (N, C) and channels-last outputs from
-    # there on, but a forward's new output above 32 MiB is not streamed (api._stream says why).
+    # there on, but neither an output in place of an input nor a forward's new output above
+    # 32 MiB (api._stream says why).
     mib = 2**20
     monkeypatch.setattr(api, "STREAM_MIN_BYTES", 10 * mib)
-    assert api._stream(np.empty((3 * mib, 1, 1), np.float32))  # 12 MiB
-    assert not api._stream(np.empty((2 * mib, 1, 1), np.float32))  # 8 MiB
-    assert not api._stream(np.empty((3 * mib // 4, 4, 1), np.float32)[:, :, :0])  # empty
-    assert not api._stream(np.empty((mib // 2, 4, 6), np.float32))  # (N, C, H, W)
+    source = np.empty((3 * mib, 1, 1), np.float32)
+    assert api._stream(np.empty((3 * mib, 1, 1), np.float32), (source,))  # 12 MiB
+    assert not api._stream(source, (np.empty(0), source))  # in place
+    assert not api._stream(np.empty((2 * mib, 1, 1), np.float32), (source,))  # 8 MiB
+    assert not api._stream(np.empty((3 * mib // 4, 4, 1), np.float32)[:, :, :0], (source,))  # empty
+    assert not api._stream(np.empty((mib // 2, 4, 6), np.float32), (source,))  # (N, C, H, W)
     large = np.empty((9 * mib, 1, 1), np.float32)  # 36 MiB, pages never touched
-    assert api._stream(large) and not api._stream(large, forward_into_new=True)
+    assert api._stream(large, (source,)) and not api._stream(large, (source,), forward_into_new=True)
 
 
 # --- bad input -------------------------------------------------------------------------------
@@ -527,6 +564,11 @@ BAD_CALLS = [
     ("out not an array", lambda x: numbanorm.batch_norm_forward(x, out=[[0.0] * 4] * 6), TypeError, "out"),
     ("out read-only", lambda x: numbanorm.batch_norm_forward(x, out=_readonly(np.empty((6, 4), np.float32))), ValueError, "out"),
     ("complex gamma", lambda x: numbanorm.batch_norm_forward(x, np.ones(4, complex)), TypeError, "gamma"),
+    ("backward out shape", lambda x: numbanorm.batch_norm_backward(x, x, ZEROS, ONES, out=np.empty((4, 6), np.float32)), ValueError, "out"),
+    ("backward out dtype", lambda x: numbanorm.batch_norm_backward(x, x, ZEROS, ONES, out=np.empty((6, 4))), TypeError, "out"),
+    ("backward out not an array", lambda x: numbanorm.batch_norm_backward(x, x, ZEROS, ONES, out=x.tolist()), TypeError, "out"),
+    ("backward out read-only", lambda x: numbanorm.batch_norm_backward(x, x, ZEROS, ONES, out=_readonly(x.copy())), ValueError, "out"),
+    ("elemt out dtype", lambda x: numbanorm.batch_norm_backward_elemt(x, x, ZEROS, ONES, None, ZEROS, ZEROS, 6, out=np.empty((6, 4))), TypeError, "out"),
 ]
 
 

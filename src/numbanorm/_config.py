@@ -21,7 +21,8 @@
     feature axis is the last one, or ``(N, C)``'s, are written with
     non-temporal stores, which bypass the cache: so large an output would not
     be read back from cache anyway, and a plain store reads every line before
-    writing it. (Not a forward's new output above 32 MiB: ``api._stream``.)
+    writing it. (Not an output in place of an input, nor a forward's new output
+    above 32 MiB: ``api._stream``.)
     On the 2-core machine (32 MB of L3) the benchmarks ran on, the backward
     of 10-134 MB arrays got up to 47 % faster (most by 5-20 %, none slower),
     the forward and inference of 10-32 MB ones up to 27 %.

@@ -43,6 +43,12 @@ ZERO = np.int64(0)
 
 _options = dict(cache=CACHE, fastmath=FASTMATH, nogil=True, error_model="numpy")
 jit = njit(**_options)
+# Inlined into each caller in Numba's IR. The element-wise loops are written once and
+# called with the output in place of an input when the two are one array: LLVM then sees
+# a single array (one value), which it vectorizes as it is. Given two arrays it checks at
+# run time whether they overlap, and runs the scalar loop when they do, the same array
+# included: an in-place pass was 2-4x slower.
+inline_jit = njit(inline="always", **_options)
 # Only explicit prange loops run in parallel: Numba would otherwise turn every
 # small array expression (``np.zeros``, ``a[:] = 0``) into a parallel region of
 # its own, each costing a thread-pool launch. (An options object, not a dict:
@@ -333,29 +339,45 @@ def normalize_params(mean, invstd, gamma, beta, params):
 
 @jit
 def _slab_normalize(x, start, stop, params, stream, y):
-    """``y = (x - hi) * scale + shift`` on rows ``start:stop``.
+    """``y = (x - hi) * scale + shift`` on rows ``start:stop``; ``y`` may be ``x``.
 
     ``stream``: ``(N, C)`` rows are written with non-temporal stores
     (``_slab_normalize_streamed``).
     """
     outer, features, inner = x.shape
-    hi, scale, shift = params[MEAN_HI], params[SCALE], params[SHIFT]
+    in_place = address(x) == address(y)
     if inner == 1 and stream:
         _slab_normalize_streamed(x, start, stop, params, y)
     elif inner == 1:
-        rows = x.reshape((outer, features))
-        out_rows = y.reshape((outer, features))
-        for n in range(start, stop):
-            for c in range(features):
-                out_rows[n, c] = (rows[n, c] - hi[c]) * scale[c] + shift[c]
+        rows, out_rows = x.reshape((outer, features)), y.reshape((outer, features))
+        if in_place:  # one array for LLVM (``inline_jit``)
+            _normalize_rows(out_rows, start, stop, params, out_rows)
+        else:
+            _normalize_rows(rows, start, stop, params, out_rows)
+    elif in_place:
+        _normalize_runs(y, start, stop, params, y)
     else:
-        for n in range(start, stop):
-            for c in range(features):
-                centre, factor, offset = hi[c], scale[c], shift[c]
-                run = x[n, c]
-                out_run = y[n, c]
-                for i in range(inner):
-                    out_run[i] = (run[i] - centre) * factor + offset
+        _normalize_runs(x, start, stop, params, y)
+
+
+@inline_jit
+def _normalize_rows(rows, start, stop, params, out_rows):
+    hi, scale, shift = params[MEAN_HI], params[SCALE], params[SHIFT]
+    for n in range(start, stop):
+        for c in range(rows.shape[1]):
+            out_rows[n, c] = (rows[n, c] - hi[c]) * scale[c] + shift[c]
+
+
+@inline_jit
+def _normalize_runs(x, start, stop, params, y):
+    hi, scale, shift = params[MEAN_HI], params[SCALE], params[SHIFT]
+    for n in range(start, stop):
+        for c in range(x.shape[1]):
+            centre, factor, offset = hi[c], scale[c], shift[c]
+            run = x[n, c]
+            out_run = y[n, c]
+            for i in range(x.shape[2]):
+                out_run[i] = (run[i] - centre) * factor + offset
 
 
 @jit
@@ -479,32 +501,53 @@ def _slab_grad_input(dy, x, start, stop, params, stream, dx):
     ``(x - hi) * invstd`` (``xhat`` but for the mean's rounding, which is in
     ``offset``) is formed first so that no factor leaves float32's range:
     ``invstd**2`` would be subnormal for a standard deviation above 1e19.
-    ``stream``: ``(N, C)`` rows are written with non-temporal stores
-    (``_slab_grad_input_streamed``).
+    ``dx`` may be ``dy`` or ``x``. ``stream``: ``(N, C)`` rows are written with
+    non-temporal stores (``_slab_grad_input_streamed``).
     """
     outer, features, inner = x.shape
-    hi, invstd = params[MEAN_HI], params[INVSTD]
-    dy_scale, xhat_scale, offset = params[DY_SCALE], params[XHAT_SCALE], params[OFFSET]
+    into_dy, into_x = address(dx) == address(dy), address(dx) == address(x)
     if inner == 1 and stream:
         _slab_grad_input_streamed(dy, x, start, stop, params, dx)
     elif inner == 1:
-        rows = x.reshape((outer, features))
-        grad_rows = dy.reshape((outer, features))
-        out_rows = dx.reshape((outer, features))
-        for n in range(start, stop):
-            for c in range(features):
-                xhat = (rows[n, c] - hi[c]) * invstd[c]
-                out_rows[n, c] = grad_rows[n, c] * dy_scale[c] - xhat * xhat_scale[c] - offset[c]
+        shape = (outer, features)
+        grad_rows, rows, out_rows = dy.reshape(shape), x.reshape(shape), dx.reshape(shape)
+        if into_dy:  # one array for LLVM (``inline_jit``)
+            _grad_input_rows(out_rows, rows, start, stop, params, out_rows)
+        elif into_x:
+            _grad_input_rows(grad_rows, out_rows, start, stop, params, out_rows)
+        else:
+            _grad_input_rows(grad_rows, rows, start, stop, params, out_rows)
+    elif into_dy:
+        _grad_input_runs(dx, x, start, stop, params, dx)
+    elif into_x:
+        _grad_input_runs(dy, dx, start, stop, params, dx)
     else:
-        for n in range(start, stop):
-            for c in range(features):
-                centre, scale = hi[c], invstd[c]
-                a, b, d = dy_scale[c], xhat_scale[c], offset[c]
-                run = x[n, c]
-                grad_run = dy[n, c]
-                out_run = dx[n, c]
-                for i in range(inner):
-                    out_run[i] = grad_run[i] * a - (run[i] - centre) * scale * b - d
+        _grad_input_runs(dy, x, start, stop, params, dx)
+
+
+@inline_jit
+def _grad_input_rows(grad_rows, rows, start, stop, params, out_rows):
+    hi, invstd = params[MEAN_HI], params[INVSTD]
+    dy_scale, xhat_scale, offset = params[DY_SCALE], params[XHAT_SCALE], params[OFFSET]
+    for n in range(start, stop):
+        for c in range(rows.shape[1]):
+            xhat = (rows[n, c] - hi[c]) * invstd[c]
+            out_rows[n, c] = grad_rows[n, c] * dy_scale[c] - xhat * xhat_scale[c] - offset[c]
+
+
+@inline_jit
+def _grad_input_runs(dy, x, start, stop, params, dx):
+    hi, invstd = params[MEAN_HI], params[INVSTD]
+    dy_scale, xhat_scale, offset = params[DY_SCALE], params[XHAT_SCALE], params[OFFSET]
+    for n in range(start, stop):
+        for c in range(x.shape[1]):
+            centre, scale = hi[c], invstd[c]
+            a, b, d = dy_scale[c], xhat_scale[c], offset[c]
+            run = x[n, c]
+            grad_run = dy[n, c]
+            out_run = dx[n, c]
+            for i in range(x.shape[2]):
+                out_run[i] = grad_run[i] * a - (run[i] - centre) * scale * b - d
 
 
 @jit
@@ -540,23 +583,39 @@ def _slab_grad_input_streamed(dy, x, start, stop, params, dx):
 
 @jit
 def _slab_scale(dy, start, stop, params, dx):
-    """``dx = dy * dy_scale`` on rows ``start:stop`` (the inference backward)."""
+    """``dx = dy * dy_scale`` on rows ``start:stop`` (the inference backward); ``dx`` may be ``dy``."""
     outer, features, inner = dy.shape
-    dy_scale = params[DY_SCALE]
+    in_place = address(dx) == address(dy)
     if inner == 1:
-        grad_rows = dy.reshape((outer, features))
-        out_rows = dx.reshape((outer, features))
-        for n in range(start, stop):
-            for c in range(features):
-                out_rows[n, c] = grad_rows[n, c] * dy_scale[c]
+        grad_rows, out_rows = dy.reshape((outer, features)), dx.reshape((outer, features))
+        if in_place:  # one array for LLVM (``inline_jit``)
+            _scale_rows(out_rows, start, stop, params, out_rows)
+        else:
+            _scale_rows(grad_rows, start, stop, params, out_rows)
+    elif in_place:
+        _scale_runs(dx, start, stop, params, dx)
     else:
-        for n in range(start, stop):
-            for c in range(features):
-                a = dy_scale[c]
-                grad_run = dy[n, c]
-                out_run = dx[n, c]
-                for i in range(inner):
-                    out_run[i] = grad_run[i] * a
+        _scale_runs(dy, start, stop, params, dx)
+
+
+@inline_jit
+def _scale_rows(grad_rows, start, stop, params, out_rows):
+    dy_scale = params[DY_SCALE]
+    for n in range(start, stop):
+        for c in range(grad_rows.shape[1]):
+            out_rows[n, c] = grad_rows[n, c] * dy_scale[c]
+
+
+@inline_jit
+def _scale_runs(dy, start, stop, params, dx):
+    dy_scale = params[DY_SCALE]
+    for n in range(start, stop):
+        for c in range(dy.shape[1]):
+            a = dy_scale[c]
+            grad_run = dy[n, c]
+            out_run = dx[n, c]
+            for i in range(dy.shape[2]):
+                out_run[i] = grad_run[i] * a
 
 
 @jit

@@ -135,11 +135,15 @@ def _from_3d(a3, shape, transposed):
     return a3.reshape(shape[::-1]).T if transposed else a3.reshape(shape)
 
 
-def _output(out, x, x3, axis, transposed, dtype):
-    """Where the kernel writes: a 3-D view of ``out`` when it has one, else a new array."""
-    compute = x3.dtype
+def _output(out, x, sources, axis, transposed, dtype):
+    """Where the kernel writes: a 3-D view of ``out`` when it has one, else a new array.
+
+    ``sources`` are the 3-D arrays the kernel reads (all of ``x``'s shape and
+    the compute dtype); ``out`` may be one of them, but not overlap one in part.
+    """
+    compute, shape3 = sources[0].dtype, sources[0].shape
     if out is None:
-        return np.empty(x3.shape, dtype=compute)
+        return np.empty(shape3, dtype=compute)
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
     if out.shape != x.shape:
@@ -149,10 +153,13 @@ def _output(out, x, x3, axis, transposed, dtype):
     if not out.flags.writeable:
         raise ValueError("out is read-only")
     out3 = _view_3d(out, axis, transposed, compute)
-    # Writing through the view is safe when it shares nothing with x3 or is x3 itself (both
-    # are C-contiguous with one shape, so the same start means the same elements).
-    if out3 is None or (np.may_share_memory(out3, x3) and out3.ctypes.data != x3.ctypes.data):
-        return np.empty(x3.shape, dtype=compute)
+    # The kernels are element-wise where they write: writing through the view is safe when it
+    # shares nothing with a source or is that source itself (all are C-contiguous with one
+    # shape, so the same start means the same elements).
+    if out3 is None or any(
+        np.may_share_memory(out3, source) and out3.ctypes.data != source.ctypes.data for source in sources
+    ):
+        return np.empty(shape3, dtype=compute)
     return out3
 
 
@@ -171,15 +178,19 @@ def _finish(y3, out, shape, transposed, dtype):
 FRESH_PAGES_BYTES = 32 * 2**20
 
 
-def _stream(out3, forward_into_new=False):
+def _stream(out3, sources, forward_into_new=False):
     """Whether a kernel writes ``out3`` with non-temporal stores (``NUMBANORM_STREAM_MIN_BYTES``).
 
     Only ``(N, C)`` and channels-last outputs (``inner == 1``) are streamed.
-    Not a forward's new output above ``FRESH_PAGES_BYTES``: its lines are in
-    cache already, zeroed, and streaming over them was 0.89-1.05x as fast
-    (into a reused ``out``, 1.16-1.52x; a backward's new ``dx``, 1.00-1.19x).
+    Not an output in place of one of the kernel's ``sources``: its lines are
+    in cache, just read, and streaming over them was 0.84-0.96x as fast. Not a
+    forward's new output above ``FRESH_PAGES_BYTES``: its lines are in cache
+    too, zeroed, and streaming over them was 0.89-1.05x as fast (into a reused
+    ``out``, 1.16-1.52x; a backward's new ``dx``, 1.00-1.19x).
     """
     if out3.shape[2] != 1 or not out3.flags.aligned or out3.nbytes < STREAM_MIN_BYTES:
+        return False
+    if any(out3.ctypes.data == source.ctypes.data for source in sources):
         return False
     return not (forward_into_new and out3.nbytes > FRESH_PAGES_BYTES)
 
@@ -448,9 +459,9 @@ def batch_norm_forward(
 
     transposed = _transposes(x)
     x3 = _to_3d(x, axis, transposed, _compute_dtype(x.dtype))
-    y3 = _output(out, x, x3, axis, transposed, x.dtype)
+    y3 = _output(out, x, (x3,), axis, transposed, x.dtype)
     chunks = _chunks(x3.nbytes)
-    stream = _stream(y3, forward_into_new=out is None or not np.may_share_memory(y3, out))
+    stream = _stream(y3, (x3,), forward_into_new=out is None or not np.may_share_memory(y3, out))
     params = _params(_kernels.FORWARD_ROWS, x3)
     if training:
         mean = np.empty(features)
@@ -490,7 +501,7 @@ def _gradient_inputs(dy, x, axis):
     return x, x3, dy3, axis, transposed, dtype
 
 
-def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=1, training=True):
+def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=1, training=True, out=None):
     """Gradients of :func:`batch_norm_forward` with respect to ``x``, ``gamma`` and ``beta``.
 
     Parameters
@@ -508,11 +519,15 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=1, training=Tru
     training : bool, default True
         As in the forward. True differentiates through the batch statistics;
         False treats them as constants: ``dx = dy * gamma * invstd``.
+    out : ndarray, optional
+        Receives ``dx``; same shape and dtype as ``dx``. May be ``dy`` (or
+        ``x``) itself, for an in-place backward.
 
     Returns
     -------
     dx : ndarray
-        Shape of ``x``, dtype of ``x`` and ``dy`` promoted together.
+        Shape of ``x``, dtype of ``x`` and ``dy`` promoted together; ``out``
+        when given.
     dgamma, dbeta : ndarray, shape ``(x.shape[axis],)``
         ``sum(dy * xhat)`` and ``sum(dy)`` over all but the feature axis,
         in the dtype of ``dx`` (float32 when that is float16, whose range a
@@ -521,9 +536,9 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=1, training=Tru
     Raises
     ------
     TypeError
-        Non-real data.
+        Non-real data; a non-array ``out``; wrong ``out`` dtype.
     ValueError
-        Wrong shapes, or fewer than 2 dimensions.
+        Wrong shapes; fewer than 2 dimensions; a read-only ``out``.
     numpy.exceptions.AxisError
         ``axis`` is out of range.
 
@@ -541,15 +556,15 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=1, training=Tru
     mean = _per_feature(mean, "mean", features)
     invstd = _per_feature(invstd, "invstd", features)
     gamma = np.ones(features) if gamma is None else _per_feature(gamma, "gamma", features)
-    dx3 = np.empty(x3.shape, dtype=x3.dtype)
+    dx3 = _output(out, x, (x3, dy3), axis, transposed, dtype)
     dgamma = np.empty(features)
     dbeta = np.empty(features)
     params = _params(_kernels.BACKWARD_ROWS, x3)
-    _kernels.backward(dy3, x3, mean, invstd, gamma, bool(training), _chunks(x3.nbytes), _stream(dx3), dx3, dgamma, dbeta, params)
+    _kernels.backward(dy3, x3, mean, invstd, gamma, bool(training), _chunks(x3.nbytes), _stream(dx3, (dy3, x3)), dx3, dgamma, dbeta, params)
     # Sums over the batch overflow float16: its parameter gradients stay in float32.
     parameter_dtype = _compute_dtype(dtype)
     return (
-        _finish(dx3, None, x.shape, transposed, dtype),
+        _finish(dx3, out, x.shape, transposed, dtype),
         dgamma.astype(parameter_dtype),
         dbeta.astype(parameter_dtype),
     )
@@ -588,7 +603,7 @@ def batch_norm_backward_reduce(dy, x, mean, invstd, *, axis=1):
     return sum_dy, sum_dy_xmu * invstd
 
 
-def batch_norm_backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, *, axis=1):
+def batch_norm_backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, *, axis=1, out=None):
     """``dx`` of a part of a batch, from the whole batch's statistics and reductions.
 
     Parameters
@@ -603,11 +618,13 @@ def batch_norm_backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, c
         :func:`batch_norm_backward_reduce` summed over all parts.
     count : int
         Values per feature in the whole batch; at least 1.
+    axis, out
+        As in :func:`batch_norm_backward`.
 
     Returns
     -------
     dx : ndarray
-        As :func:`batch_norm_backward` would give for this part.
+        As :func:`batch_norm_backward` would give for this part; ``out`` when given.
     """
     x, x3, dy3, axis, transposed, dtype = _gradient_inputs(dy, x, axis)
     features = x3.shape[1]
@@ -619,6 +636,6 @@ def batch_norm_backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, c
     count = _number(count, "count", 1.0, math.inf)
     params = _params(_kernels.BACKWARD_ROWS, x3)
     _kernels.grad_params(mean, invstd, gamma, sum_dy, sum_dy_xhat, count, params)
-    dx3 = np.empty(x3.shape, dtype=x3.dtype)
-    _kernels.grad_input(dy3, x3, params, True, _chunks(x3.nbytes), _stream(dx3), dx3)
-    return _finish(dx3, None, x.shape, transposed, dtype)
+    dx3 = _output(out, x, (x3, dy3), axis, transposed, dtype)
+    _kernels.grad_input(dy3, x3, params, True, _chunks(x3.nbytes), _stream(dx3, (dy3, x3)), dx3)
+    return _finish(dx3, out, x.shape, transposed, dtype)
