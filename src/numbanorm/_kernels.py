@@ -15,9 +15,9 @@ input dtype; the mean and variance come from a blocked two-pass (each block's
 mean, then its squared deviations while the block is still in cache) merged
 block by block with Chan's update, so the input is read once from memory
 (when one row of one feature fits in a block) and ``E[x**2] - E[x]**2``
-never appears. The element-wise passes can write ``(N, C)`` outputs with
-non-temporal stores (``stream``; ``_stream.py``), which ``api.py`` asks for on
-large arrays.
+never appears. The element-wise passes run ``(N, C)`` rows as one flat range
+of explicit vectors (``_stream.py``), stored plainly or, when ``api.py`` asks
+for it on large arrays (``stream``), with non-temporal stores.
 """
 
 import numpy as np
@@ -25,7 +25,7 @@ from numba import njit, prange
 from numba.core.cpu import ParallelOptions
 
 from ._config import CACHE, FASTMATH
-from ._stream import VECTOR_BYTES, address, store_fence, stream_grad_input, stream_normalize
+from ._stream import VECTOR_BYTES, address, store_fence, vector_grad_input, vector_normalize
 
 # Bytes in one block of the two-pass statistics: small enough that the second pass
 # over the block finds it in L2 (half of a 512 KiB L2), large enough to amortize the
@@ -43,11 +43,12 @@ ZERO = np.int64(0)
 
 _options = dict(cache=CACHE, fastmath=FASTMATH, nogil=True, error_model="numpy")
 jit = njit(**_options)
-# Inlined into each caller in Numba's IR. The element-wise loops are written once and
-# called with the output in place of an input when the two are one array: LLVM then sees
-# a single array (one value), which it vectorizes as it is. Given two arrays it checks at
-# run time whether they overlap, and runs the scalar loop when they do, the same array
-# included: an in-place pass was 2-4x slower.
+# Inlined into each caller in Numba's IR. The element-wise loops over ``inner`` runs are
+# written once and called with the output in place of an input when the two are one array:
+# LLVM then sees a single array (one value), which it vectorizes as it is. Given two arrays
+# it checks at run time whether they overlap, and runs the scalar loop when they do, the
+# same array included: an in-place pass was 1.4-4x slower. (The ``(N, C)`` passes' explicit
+# vectors load before they store, and need no such care.)
 inline_jit = njit(inline="always", **_options)
 # Only explicit prange loops run in parallel: Numba would otherwise turn every
 # small array expression (``np.zeros``, ``a[:] = 0``) into a parallel region of
@@ -298,7 +299,7 @@ def partial_stats(x, chunks, mean, m2):
 MEAN_HI, SCALE, SHIFT = 0, 1, 2  # rows of the forward's ``params``
 DY_SCALE, INVSTD, XHAT_SCALE, OFFSET = 1, 2, 3, 4  # rows of the backward's ``params`` (after MEAN_HI)
 FORWARD_ROWS, BACKWARD_ROWS = 3, 5
-# Columns of ``params`` past the last feature, repeating the first ones: a streamed vector
+# Columns of ``params`` past the last feature, repeating the first ones: a vector
 # of ``(N, C)`` rows that starts at feature ``c`` reads ``params[:, c:c + lanes]`` whole,
 # across the end of the row (``_stream_span``). One float32 vector's lanes.
 PARAMS_PAD = VECTOR_BYTES // 4
@@ -316,8 +317,8 @@ def _pad_params(params, features):
 def _stream_span(out, first, last):
     """``[body, end)``: the part of the flat ``out[first:last]`` that whole 32-byte aligned vectors cover.
 
-    The streamed kernels store the values before ``body`` and from ``end`` on
-    as usual, and those in between with non-temporal vector stores.
+    The vector kernels compute the values before ``body`` and from ``end`` on
+    one at a time, and those in between as aligned vectors.
     """
     lanes = VECTOR_BYTES // out.itemsize
     misalignment = (address(out) + first * out.itemsize) % VECTOR_BYTES
@@ -341,48 +342,19 @@ def normalize_params(mean, invstd, gamma, beta, params):
 def _slab_normalize(x, start, stop, params, stream, y):
     """``y = (x - hi) * scale + shift`` on rows ``start:stop``; ``y`` may be ``x``.
 
-    ``stream``: ``(N, C)`` rows are written with non-temporal stores
-    (``_slab_normalize_streamed``).
+    ``stream``: ``(N, C)`` rows are written with non-temporal stores.
     """
-    outer, features, inner = x.shape
-    in_place = address(x) == address(y)
-    if inner == 1 and stream:
-        _slab_normalize_streamed(x, start, stop, params, y)
-    elif inner == 1:
-        rows, out_rows = x.reshape((outer, features)), y.reshape((outer, features))
-        if in_place:  # one array for LLVM (``inline_jit``)
-            _normalize_rows(out_rows, start, stop, params, out_rows)
-        else:
-            _normalize_rows(rows, start, stop, params, out_rows)
-    elif in_place:
-        _normalize_runs(y, start, stop, params, y)
+    if x.shape[2] == 1:
+        _normalize_vectors(x, start, stop, params, stream, y)
+    elif address(x) == address(y):
+        _normalize_runs(y, start, stop, params, y)  # in place: one array for LLVM (``inline_jit``)
     else:
         _normalize_runs(x, start, stop, params, y)
 
 
-@inline_jit
-def _normalize_rows(rows, start, stop, params, out_rows):
-    hi, scale, shift = params[MEAN_HI], params[SCALE], params[SHIFT]
-    for n in range(start, stop):
-        for c in range(rows.shape[1]):
-            out_rows[n, c] = (rows[n, c] - hi[c]) * scale[c] + shift[c]
-
-
-@inline_jit
-def _normalize_runs(x, start, stop, params, y):
-    hi, scale, shift = params[MEAN_HI], params[SCALE], params[SHIFT]
-    for n in range(start, stop):
-        for c in range(x.shape[1]):
-            centre, factor, offset = hi[c], scale[c], shift[c]
-            run = x[n, c]
-            out_run = y[n, c]
-            for i in range(x.shape[2]):
-                out_run[i] = (run[i] - centre) * factor + offset
-
-
 @jit
-def _slab_normalize_streamed(x, start, stop, params, y):
-    """``_slab_normalize`` on ``(N, C)`` rows, ``y`` written with non-temporal stores.
+def _normalize_vectors(x, start, stop, params, stream, y):
+    """``_slab_normalize`` on ``(N, C)`` rows, in explicit vectors (``_stream.vector_normalize``).
 
     The rows run as one flat range (``_stream_span``); each vector reads the
     features it covers from the padded ``params`` (``PARAMS_PAD``).
@@ -398,14 +370,27 @@ def _slab_normalize_streamed(x, start, stop, params, y):
         flat_y[i] = (flat_x[i] - hi[c]) * scale[c] + shift[c]
     c = body % features
     for i in range(body, end, lanes):
-        stream_normalize(flat_y, i, c, flat_x, hi, scale, shift)
+        vector_normalize(flat_y, i, c, stream, flat_x, hi, scale, shift)
         c += lanes
         while c >= features:
             c -= features
     for i in range(end, last):
         c = i % features
         flat_y[i] = (flat_x[i] - hi[c]) * scale[c] + shift[c]
-    store_fence()
+    if stream:
+        store_fence()
+
+
+@inline_jit
+def _normalize_runs(x, start, stop, params, y):
+    hi, scale, shift = params[MEAN_HI], params[SCALE], params[SHIFT]
+    for n in range(start, stop):
+        for c in range(x.shape[1]):
+            centre, factor, offset = hi[c], scale[c], shift[c]
+            run = x[n, c]
+            out_run = y[n, c]
+            for i in range(x.shape[2]):
+                out_run[i] = (run[i] - centre) * factor + offset
 
 
 @parallel_jit
@@ -502,37 +487,47 @@ def _slab_grad_input(dy, x, start, stop, params, stream, dx):
     ``offset``) is formed first so that no factor leaves float32's range:
     ``invstd**2`` would be subnormal for a standard deviation above 1e19.
     ``dx`` may be ``dy`` or ``x``. ``stream``: ``(N, C)`` rows are written with
-    non-temporal stores (``_slab_grad_input_streamed``).
+    non-temporal stores.
     """
-    outer, features, inner = x.shape
-    into_dy, into_x = address(dx) == address(dy), address(dx) == address(x)
-    if inner == 1 and stream:
-        _slab_grad_input_streamed(dy, x, start, stop, params, dx)
-    elif inner == 1:
-        shape = (outer, features)
-        grad_rows, rows, out_rows = dy.reshape(shape), x.reshape(shape), dx.reshape(shape)
-        if into_dy:  # one array for LLVM (``inline_jit``)
-            _grad_input_rows(out_rows, rows, start, stop, params, out_rows)
-        elif into_x:
-            _grad_input_rows(grad_rows, out_rows, start, stop, params, out_rows)
-        else:
-            _grad_input_rows(grad_rows, rows, start, stop, params, out_rows)
-    elif into_dy:
-        _grad_input_runs(dx, x, start, stop, params, dx)
-    elif into_x:
+    if x.shape[2] == 1:
+        _grad_input_vectors(dy, x, start, stop, params, stream, dx)
+    elif address(dx) == address(dy):
+        _grad_input_runs(dx, x, start, stop, params, dx)  # in place: one array for LLVM (``inline_jit``)
+    elif address(dx) == address(x):
         _grad_input_runs(dy, dx, start, stop, params, dx)
     else:
         _grad_input_runs(dy, x, start, stop, params, dx)
 
 
-@inline_jit
-def _grad_input_rows(grad_rows, rows, start, stop, params, out_rows):
+@jit
+def _grad_input_vectors(dy, x, start, stop, params, stream, dx):
+    """``_slab_grad_input`` on ``(N, C)`` rows, in explicit vectors (``_stream.vector_grad_input``).
+
+    As ``_normalize_vectors``.
+    """
+    features = x.shape[1]
     hi, invstd = params[MEAN_HI], params[INVSTD]
     dy_scale, xhat_scale, offset = params[DY_SCALE], params[XHAT_SCALE], params[OFFSET]
-    for n in range(start, stop):
-        for c in range(rows.shape[1]):
-            xhat = (rows[n, c] - hi[c]) * invstd[c]
-            out_rows[n, c] = grad_rows[n, c] * dy_scale[c] - xhat * xhat_scale[c] - offset[c]
+    flat_dy, flat_x, flat_dx = dy.reshape(-1), x.reshape(-1), dx.reshape(-1)
+    lanes = VECTOR_BYTES // dx.itemsize
+    first, last = start * features, stop * features
+    body, end = _stream_span(flat_dx, first, last)
+    for i in range(first, body):
+        c = i % features
+        xhat = (flat_x[i] - hi[c]) * invstd[c]
+        flat_dx[i] = flat_dy[i] * dy_scale[c] - xhat * xhat_scale[c] - offset[c]
+    c = body % features
+    for i in range(body, end, lanes):
+        vector_grad_input(flat_dx, i, c, stream, flat_dy, flat_x, hi, invstd, dy_scale, xhat_scale, offset)
+        c += lanes
+        while c >= features:
+            c -= features
+    for i in range(end, last):
+        c = i % features
+        xhat = (flat_x[i] - hi[c]) * invstd[c]
+        flat_dx[i] = flat_dy[i] * dy_scale[c] - xhat * xhat_scale[c] - offset[c]
+    if stream:
+        store_fence()
 
 
 @inline_jit
@@ -548,37 +543,6 @@ def _grad_input_runs(dy, x, start, stop, params, dx):
             out_run = dx[n, c]
             for i in range(x.shape[2]):
                 out_run[i] = grad_run[i] * a - (run[i] - centre) * scale * b - d
-
-
-@jit
-def _slab_grad_input_streamed(dy, x, start, stop, params, dx):
-    """``_slab_grad_input`` on ``(N, C)`` rows, ``dx`` written with non-temporal stores.
-
-    The rows run as one flat range (``_stream_span``); each vector reads the
-    features it covers from the padded ``params`` (``PARAMS_PAD``).
-    """
-    features = x.shape[1]
-    hi, invstd = params[MEAN_HI], params[INVSTD]
-    dy_scale, xhat_scale, offset = params[DY_SCALE], params[XHAT_SCALE], params[OFFSET]
-    flat_dy, flat_x, flat_dx = dy.reshape(-1), x.reshape(-1), dx.reshape(-1)
-    lanes = VECTOR_BYTES // dx.itemsize
-    first, last = start * features, stop * features
-    body, end = _stream_span(flat_dx, first, last)
-    for i in range(first, body):
-        c = i % features
-        xhat = (flat_x[i] - hi[c]) * invstd[c]
-        flat_dx[i] = flat_dy[i] * dy_scale[c] - xhat * xhat_scale[c] - offset[c]
-    c = body % features
-    for i in range(body, end, lanes):
-        stream_grad_input(flat_dx, i, c, flat_dy, flat_x, hi, invstd, dy_scale, xhat_scale, offset)
-        c += lanes
-        while c >= features:
-            c -= features
-    for i in range(end, last):
-        c = i % features
-        xhat = (flat_x[i] - hi[c]) * invstd[c]
-        flat_dx[i] = flat_dy[i] * dy_scale[c] - xhat * xhat_scale[c] - offset[c]
-    store_fence()
 
 
 @jit
@@ -665,7 +629,7 @@ def grad_input(dy, x, params, training, chunks, stream, dx):
 
     Without ``training`` the statistics are constants and ``dx = dy * dy_scale``:
     ``x`` is not read, so a NaN in it cannot reach ``dx``. ``stream``: write
-    ``(N, C)`` rows of ``dx`` with non-temporal stores (``_slab_grad_input_streamed``).
+    ``(N, C)`` rows of ``dx`` with non-temporal stores.
     """
     outer = x.shape[0]
     chunks = max(1, min(chunks, outer))

@@ -1,16 +1,23 @@
-"""Non-temporal ("streaming") vector stores for the element-wise passes' outputs.
+"""Explicit vector operations for the element-wise passes over ``(N, C)`` rows.
 
-A plain store to a line that is not in cache first reads the line (the
-read-for-ownership), then leaves it in cache, where it evicts the inputs. A
-non-temporal store writes the line straight to memory: once the output is too
-large to be read back from cache anyway, that saves a fifth of the backward's
-element-wise traffic (it reads ``dy`` and ``x``) and a third of the forward's.
-Numba cannot ask for such a store, so the intrinsics here emit the LLVM IR
-themselves: each computes one 32-byte vector of the output and stores it with
-``!nontemporal`` metadata, at an address that must be 32-byte aligned (the
-kernels peel scalar values until it is). Non-temporal stores are weakly
-ordered: a slab ends with ``store_fence()`` before its thread reports that it
-is done.
+Each intrinsic computes one 32-byte vector of the output from vectors of the
+inputs and of the per-feature rows, then stores it, at an address that must be
+32-byte aligned (the kernels peel scalar values until it is). Numba cannot
+express either part:
+
+- The store may be non-temporal (``!nontemporal`` metadata). A plain store
+  to a line that is not in cache first reads the line (the read-for-ownership),
+  then leaves it in cache, where it evicts the inputs. A non-temporal store
+  writes the line straight to memory: once the output is too large to be read
+  back from cache anyway, that saves a fifth of the backward's element-wise
+  traffic (it reads ``dy`` and ``x``) and a third of the forward's.
+  Non-temporal stores are weakly ordered: a slab that made them ends with
+  ``store_fence()`` before its thread reports that it is done.
+- A vector of ``(N, C)`` values spans whatever features it covers, across the
+  end of a row, so that rows of 3 or 17 features vectorize as well as rows of
+  1024 (1.6-3.8x faster than a loop over each row's features). And the loads come
+  before the store, so the output may be an input: a compiled loop given two
+  arrays checks whether they overlap, and runs its scalar version if they do.
 """
 
 import platform
@@ -62,25 +69,33 @@ def _load(context, builder, array_type, array, index, vector_type):
     return builder.load(pointer, align=array_type.dtype.bitwidth // 8)
 
 
-def _streamed(inputs, expression):
-    """The codegen of ``out[i : i + lanes] = expression(inputs..., per-feature rows...)``, stored non-temporally.
+def _vector_op(inputs, expression):
+    """The codegen of ``out[i : i + lanes] = expression(inputs..., per-feature rows...)``.
 
-    Arguments: ``out, i, c``; then ``inputs`` flat arrays read at ``i``; then
-    the per-feature rows, read at feature ``c``.
+    Arguments: ``out, i, c, nontemporal``; then ``inputs`` flat arrays read at
+    ``i``; then the per-feature rows, read at feature ``c``. All loads come
+    before the store, so ``out`` may be one of the inputs. ``nontemporal``
+    picks the store at run time (a branch per vector, which always goes the
+    same way), so one compiled loop serves both stores.
     """
 
     def codegen(context, builder, signature, args):
         out_type = signature.args[0]
         vector_type = ir.VectorType(context.get_value_type(out_type.dtype), VECTOR_BYTES * 8 // out_type.dtype.bitwidth)
-        out, i, c = args[:3]
+        out, i, c, nontemporal = args[:4]
         operands = [
             _load(context, builder, kind, value, i if n < inputs else c, vector_type)
-            for n, (kind, value) in enumerate(zip(signature.args[3:], args[3:]))
+            for n, (kind, value) in enumerate(zip(signature.args[4:], args[4:]))
         ]
+        result = expression(builder, *operands)
         data = context.make_array(out_type)(context, builder, out).data
         pointer = builder.bitcast(builder.gep(data, [i]), vector_type.as_pointer())
-        store = builder.store(expression(builder, *operands), pointer, align=VECTOR_BYTES)
-        store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+        with builder.if_else(nontemporal) as (streamed, plain):
+            with streamed:
+                store = builder.store(result, pointer, align=VECTOR_BYTES)
+                store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+            with plain:
+                builder.store(result, pointer, align=VECTOR_BYTES)
         return context.get_dummy_value()
 
     return codegen
@@ -97,21 +112,22 @@ def _input_gradient(b, dy, x, hi, invstd, dy_scale, xhat_scale, offset):
 
 
 @intrinsic
-def stream_normalize(typingctx, y, i, c, x, hi, scale, shift):
+def vector_normalize(typingctx, y, i, c, nontemporal, x, hi, scale, shift):
     """``y[i:i+lanes] = (x - hi) * scale + shift``, as ``_kernels._slab_normalize``; ``y[i]`` 32-byte aligned.
 
     ``y`` and ``x`` are flat and read at ``i``; the per-feature rows are read
     at feature ``c`` (consecutive values of ``(N, C)`` rows are consecutive
     features, and the rows are padded past the last feature: ``_kernels.PARAMS_PAD``).
+    ``nontemporal``: store with a non-temporal store.
     """
-    return types.void(y, i, c, x, hi, scale, shift), _streamed(1, _normalized)
+    return types.void(y, i, c, nontemporal, x, hi, scale, shift), _vector_op(1, _normalized)
 
 
 @intrinsic
-def stream_grad_input(typingctx, dx, i, c, dy, x, hi, invstd, dy_scale, xhat_scale, offset):
+def vector_grad_input(typingctx, dx, i, c, nontemporal, dy, x, hi, invstd, dy_scale, xhat_scale, offset):
     """``dx[i:i+lanes] = dy * dy_scale - ((x - hi) * invstd) * xhat_scale - offset``; ``dx[i]`` 32-byte aligned.
 
     As ``_kernels._slab_grad_input``, operation for operation; arguments as
-    for ``stream_normalize``.
+    for ``vector_normalize``.
     """
-    return types.void(dx, i, c, dy, x, hi, invstd, dy_scale, xhat_scale, offset), _streamed(2, _input_gradient)
+    return types.void(dx, i, c, nontemporal, dy, x, hi, invstd, dy_scale, xhat_scale, offset), _vector_op(2, _input_gradient)
