@@ -140,6 +140,49 @@ def _numbanorm(op, d):
     return Call(forward_backward)
 
 
+OUTPUTS = ("new", "out", "in place")
+OUTPUT_OPS = ("forward_train", "forward_infer", "backward")
+
+
+def prepare_output(op, output, data):
+    """numbanorm's ``op`` writing its array result into a new array, a reused ``out=``, or in place.
+
+    In place is ``out=x`` for the forwards and ``out=dy`` for the backward, on
+    copies of the data. Each call then starts from the previous call's result,
+    which must not drift into other work (subnormals, overflow): each settles on
+    a fixed point within a few calls. A training forward of its own output gives
+    that output back (but for ``eps``'s share); inference contracts each feature
+    towards a fixed value; the backward runs with ``gamma = 1 / invstd``, so
+    that it projects ``dy`` (``gamma * invstd`` below 1 would shrink ``dy`` into
+    subnormals within a few hundred calls).
+    """
+    if op not in OUTPUT_OPS or output not in OUTPUTS:
+        raise ValueError(f"op must be one of {OUTPUT_OPS} and output one of {OUTPUTS}, got {op!r}, {output!r}")
+    axis = data.axis
+    x = data.x.copy() if output == "in place" and op != "backward" else data.x
+    if op == "backward":
+        dy = data.dy.copy()
+        _, mean, invstd = numbanorm.batch_norm_forward(x, axis=axis, eps=EPS)
+        gamma = 1 / invstd
+        out = {"new": None, "out": np.empty_like(dy), "in place": dy}[output]
+        call = Call(lambda: numbanorm.batch_norm_backward(dy, x, mean, invstd, gamma, axis=axis, out=out))
+    else:
+        training = op == "forward_train"
+        running_mean, running_var = data.running_mean.copy(), data.running_var.copy()
+        out = {"new": None, "out": np.empty_like(x), "in place": x}[output]
+
+        def forward():
+            return numbanorm.batch_norm_forward(
+                x, data.gamma, data.beta, axis=axis, eps=EPS, training=training,
+                running_mean=running_mean, running_var=running_var, momentum=MOMENTUM, out=out,
+            )
+
+        call = Call(forward)
+    call.run()
+    call.run()
+    return call
+
+
 # --- plain NumPy -----------------------------------------------------------------------
 
 

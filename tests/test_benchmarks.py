@@ -11,6 +11,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -48,6 +49,34 @@ def test_every_asv_benchmark_runs_on_one_case():
         assert len(methods) == 2, (cls.__name__, methods)
         for name in methods:
             getattr(bench, name)("32x64", "float32", "numbanorm")
+
+
+@pytest.mark.parametrize("op", _cases.OUTPUT_OPS)
+@pytest.mark.parametrize("case, dtype", CASES)
+def test_every_output_times_the_same_computation_without_drifting(case, dtype, op):
+    # A new array and a reused out= get the same result. In place, each call starts from
+    # the last one's result, which must settle (_cases.prepare_output): the training
+    # forward's and the backward's on the new array's result but for eps's share, and
+    # every one on normal numbers that the next call gives back.
+    expected = _cases.prepare_output(op, "new", _cases.Data(case, dtype)).result()[0]
+    np.testing.assert_array_equal(_cases.prepare_output(op, "out", _cases.Data(case, dtype)).result()[0], expected)
+    in_place = _cases.prepare_output(op, "in place", _cases.Data(case, dtype))
+    for _ in range(300):
+        in_place.run()
+    settled = in_place.result()[0].copy()
+    assert np.all(np.isfinite(settled)) and not np.any((settled != 0) & (np.abs(settled) < np.finfo(dtype).tiny))
+    assert relative_error(in_place.result(), (settled,)) <= 10 * np.finfo(dtype).eps
+    if op != "forward_infer":
+        assert relative_error((settled,), (expected,)) <= 10 * _cases.EPS
+
+
+def test_every_output_benchmark_runs_on_one_case():
+    bench = bench_ops.TimeOutput()
+    assert set(bench.params[2]) == set(_cases.OUTPUT_OPS) and set(bench.params[3]) == set(_cases.OUTPUTS)
+    for op in _cases.OUTPUT_OPS:
+        for output in _cases.OUTPUTS:
+            bench.setup("32x64", "float32", op, output)
+            bench.time_output("32x64", "float32", op, output)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("asv") is None, reason="asv comes with the extra 'bench'")
