@@ -191,6 +191,39 @@ def test_backward_out_receives_dx(case, target, elemt, path):
     np.testing.assert_array_equal(out, expected)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, axis", [((300, 5), 1), ((6, 3, 50), 1), ((6, 50, 3), -1)])
+@pytest.mark.parametrize("path", PATHS)
+def test_every_pass_in_place_matches_one_into_a_new_array(shape, axis, dtype, path):
+    # Each element-wise pass has its own code for an output that is one of its inputs
+    # ((N, C) vectors; inline_jit loops over NCHW runs): forward and inference in place of
+    # x, training and inference backward in place of dy, training backward in place of x.
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=shape) * 3 + 5).astype(dtype)
+    dy = rng.normal(size=shape).astype(dtype)
+    features = shape[axis]
+    gamma = rng.uniform(0.5, 2, features)
+    running = dict(running_mean=rng.normal(size=features), running_var=rng.uniform(0.5, 2, features))
+    _, mean, invstd = numbanorm.batch_norm_forward(x, axis=axis)
+    calls = {
+        "forward": lambda x, dy, out=None: numbanorm.batch_norm_forward(x, gamma, axis=axis, out=out)[0],
+        "inference": lambda x, dy, out=None: numbanorm.batch_norm_forward(x, gamma, axis=axis, training=False, out=out, **running)[0],
+        "backward": lambda x, dy, out=None: numbanorm.batch_norm_backward(dy, x, mean, invstd, gamma, axis=axis, out=out)[0],
+        "inference backward": lambda x, dy, out=None: numbanorm.batch_norm_backward(
+            dy, x, mean, invstd, gamma, axis=axis, training=False, out=out
+        )[0],
+    }
+    targets = {"forward": ["x"], "inference": ["x"], "backward": ["dy", "x"], "inference backward": ["dy"]}
+    with kernel_path(path):
+        for name, call in calls.items():
+            expected = call(x, dy)
+            for target in targets[name]:
+                x_copy, dy_copy = x.copy(), dy.copy()
+                out = x_copy if target == "x" else dy_copy
+                assert call(x_copy, dy_copy, out=out) is out
+                np.testing.assert_array_equal(out, expected, err_msg=f"{name} in place of {target}")
+
+
 # --- gradients against finite differences ----------------------------------------------------
 
 
