@@ -16,7 +16,7 @@ mean, then its squared deviations while the block is still in cache) merged
 block by block with Chan's update, so the input is read once from memory
 (when one row of one feature fits in a block) and ``E[x**2] - E[x]**2``
 never appears. The element-wise passes run ``(N, C)`` rows as one flat range
-of explicit vectors (``_stream.py``), stored plainly or, when ``api.py`` asks
+of explicit vectors (``_vectors.py``), stored plainly or, when ``api.py`` asks
 for it on large arrays (``stream``), with non-temporal stores.
 """
 
@@ -25,7 +25,7 @@ from numba import njit, prange
 from numba.core.cpu import ParallelOptions
 
 from ._config import CACHE, FASTMATH
-from ._stream import VECTOR_BYTES, address, store_fence, vector_grad_input, vector_normalize
+from ._vectors import VECTOR_BYTES, address, store_fence, vector_grad_input, vector_normalize
 
 # Bytes in one block of the two-pass statistics: small enough that the second pass
 # over the block finds it in L2 (half of a 512 KiB L2), large enough to amortize the
@@ -301,7 +301,7 @@ DY_SCALE, INVSTD, XHAT_SCALE, OFFSET = 1, 2, 3, 4  # rows of the backward's ``pa
 FORWARD_ROWS, BACKWARD_ROWS = 3, 5
 # Columns of ``params`` past the last feature, repeating the first ones: a vector
 # of ``(N, C)`` rows that starts at feature ``c`` reads ``params[:, c:c + lanes]`` whole,
-# across the end of the row (``_stream_span``). One float32 vector's lanes.
+# across the end of the row (``_vector_span``). One float32 vector's lanes.
 PARAMS_PAD = VECTOR_BYTES // 4
 
 
@@ -314,7 +314,7 @@ def _pad_params(params, features):
 
 
 @jit
-def _stream_span(out, first, last):
+def _vector_span(out, first, last):
     """``[body, end)``: the part of the flat ``out[first:last]`` that whole 32-byte aligned vectors cover.
 
     The vector kernels compute the values before ``body`` and from ``end`` on
@@ -354,9 +354,9 @@ def _slab_normalize(x, start, stop, params, stream, y):
 
 @jit
 def _normalize_vectors(x, start, stop, params, stream, y):
-    """``_slab_normalize`` on ``(N, C)`` rows, in explicit vectors (``_stream.vector_normalize``).
+    """``_slab_normalize`` on ``(N, C)`` rows, in explicit vectors (``_vectors.vector_normalize``).
 
-    The rows run as one flat range (``_stream_span``); each vector reads the
+    The rows run as one flat range (``_vector_span``); each vector reads the
     features it covers from the padded ``params`` (``PARAMS_PAD``).
     """
     features = x.shape[1]
@@ -364,7 +364,7 @@ def _normalize_vectors(x, start, stop, params, stream, y):
     flat_x, flat_y = x.reshape(-1), y.reshape(-1)
     lanes = VECTOR_BYTES // y.itemsize
     first, last = start * features, stop * features
-    body, end = _stream_span(flat_y, first, last)
+    body, end = _vector_span(flat_y, first, last)
     for i in range(first, body):
         c = i % features
         flat_y[i] = (flat_x[i] - hi[c]) * scale[c] + shift[c]
@@ -501,7 +501,7 @@ def _slab_grad_input(dy, x, start, stop, params, stream, dx):
 
 @jit
 def _grad_input_vectors(dy, x, start, stop, params, stream, dx):
-    """``_slab_grad_input`` on ``(N, C)`` rows, in explicit vectors (``_stream.vector_grad_input``).
+    """``_slab_grad_input`` on ``(N, C)`` rows, in explicit vectors (``_vectors.vector_grad_input``).
 
     As ``_normalize_vectors``.
     """
@@ -511,7 +511,7 @@ def _grad_input_vectors(dy, x, start, stop, params, stream, dx):
     flat_dy, flat_x, flat_dx = dy.reshape(-1), x.reshape(-1), dx.reshape(-1)
     lanes = VECTOR_BYTES // dx.itemsize
     first, last = start * features, stop * features
-    body, end = _stream_span(flat_dx, first, last)
+    body, end = _vector_span(flat_dx, first, last)
     for i in range(first, body):
         c = i % features
         xhat = (flat_x[i] - hi[c]) * invstd[c]

@@ -183,7 +183,7 @@ def _stream(out3, sources, forward_into_new=False):
 
     Only ``(N, C)`` and channels-last outputs (``inner == 1``) are streamed.
     Not an output in place of one of the kernel's ``sources``: its lines are
-    in cache, just read, and streaming over them was 0.84-0.96x as fast. Not a
+    in cache, just read, and streaming over them was 0.85-0.98x as fast. Not a
     forward's new output above ``FRESH_PAGES_BYTES``: its lines are in cache
     too, zeroed, and streaming over them was 0.89-1.05x as fast (into a reused
     ``out``, 1.16-1.52x; a backward's new ``dx``, 1.00-1.19x).
