@@ -507,6 +507,49 @@ def test_large_arrays_take_the_parallel_path_and_match():
         assert_close(dgamma, ref_dgamma, np.float32, scale=np.abs(dy).sum())
 
 
+@pytest.mark.parametrize("chunks", [2, 3, 8])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 7, 50), (2, 5, 9), (3, 6, 20), (1, 1, 40), (5, 2, 3)])
+def test_kernels_split_small_batches_by_features_and_runs(shape, dtype, chunks):
+    # (N, C, H, W) data with few rows: the reductions give each slab features
+    # (_kernels._splits_features), the element-wise passes runs x[n, c] (_kernels._units),
+    # for any number of slabs, more than the features included. On one slab, neither.
+    outer, features, inner = shape
+    rng = np.random.default_rng(outer * 100 + features)
+    x = (rng.normal(0, 3, size=shape) + rng.uniform(-1e4, 1e4, (1, features, 1))).astype(dtype)
+    dy = rng.normal(size=shape).astype(dtype)
+    assert _kernels._splits_features(outer, features, inner, chunks) == (
+        -(-features // chunks) / features < -(-outer // chunks) / outer
+    )
+    assert not _kernels._splits_features(outer, features, inner, 1)
+    mean, m2 = np.empty(features), np.empty(features)
+    count = _kernels.partial_stats(x, chunks, mean, m2)
+    ref_mean, ref_var = reference.stats(x, 1)
+    assert count == outer * inner
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-12)
+    np.testing.assert_allclose(m2 / count, ref_var, rtol=1e-9)
+    sums = [np.empty(features) for _ in range(4)]
+    _kernels.grad_sums(dy, x, mean, 1, sums[0], sums[1])
+    _kernels.grad_sums(dy, x, mean, chunks, sums[2], sums[3])
+    np.testing.assert_allclose(sums[2], sums[0], rtol=1e-12, atol=1e-12 * np.abs(dy).sum())
+    np.testing.assert_allclose(sums[3], sums[1], rtol=1e-12, atol=1e-12 * np.abs(dy * x).sum())
+    invstd = 1 / np.sqrt(m2 / count + 1e-5)
+    forward = api._params(_kernels.FORWARD_ROWS, x)
+    _kernels.normalize_params(mean, invstd, np.ones(features), np.zeros(features), forward)
+    backward = api._params(_kernels.BACKWARD_ROWS, x)
+    _kernels.grad_params(mean, invstd, np.ones(features), sums[0], sums[1] * invstd, float(count), backward)
+    for name, run in {
+        "normalize": lambda c, out: _kernels.normalize(x, forward, c, False, out),
+        "grad_input": lambda c, out: _kernels.grad_input(dy, x, backward, True, c, False, out),
+        "scale": lambda c, out: _kernels.grad_input(dy, x, backward, False, c, False, out),
+    }.items():
+        serial, split = np.full_like(x, np.nan), np.full_like(x, np.nan)
+        run(1, serial)
+        run(chunks, split)
+        np.testing.assert_array_equal(split, serial, err_msg=name)
+    np.testing.assert_allclose(serial, dy * backward[_kernels.DY_SCALE, :features, None], rtol=1e-6)
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("features", [1, 5, 64, 300, 512])

@@ -10,7 +10,11 @@ dtypes and layouts and validates before any kernel runs.
 Parallel kernels split ``outer`` into ``chunks`` contiguous slabs, one per
 thread, and give each slab its own row of an accumulator that is reduced
 serially afterwards (the pattern of stumpy): race-free, and deterministic for a
-given thread count. Statistics and sums accumulate in float64 whatever the
+given thread count. ``(N, C, H, W)`` data with too few rows to share evenly (a
+batch of one, or of three on two threads) is split by features for the
+reductions (``_splits_features``), each slab then owning the statistics of its
+features, and by runs of ``inner`` values (``x[n, c]``) for the element-wise
+passes. Statistics and sums accumulate in float64 whatever the
 input dtype; the mean and variance come from a blocked two-pass (each block's
 mean, then its squared deviations while the block is still in cache) merged
 block by block with Chan's update, so the input is read once from memory
@@ -201,11 +205,11 @@ def _slab_stats(x, start, stop, mean, m2, scratch):
     outer, features, inner = x.shape
     k = _super_rows(features, inner)
     if k == 1:
-        return _blocked_stats(x, start, stop, mean, m2, scratch[0], scratch[1])
+        return _blocked_stats(x, start, stop, ZERO, features, mean, m2, scratch[0], scratch[1])
     width = k * features
     supers = (stop - start) // k
     wide_mean, wide_m2 = scratch[2, :width], scratch[3, :width]
-    wide_count = _blocked_stats(_super_view(x, start, supers, k), ZERO, supers, wide_mean, wide_m2, scratch[0], scratch[1])
+    wide_count = _blocked_stats(_super_view(x, start, supers, k), ZERO, supers, ZERO, width, wide_mean, wide_m2, scratch[0], scratch[1])
     count = 0.0
     mean[:] = 0.0
     m2[:] = 0.0
@@ -221,35 +225,65 @@ def _slab_stats(x, start, stop, mean, m2, scratch):
 
 
 @jit
-def _blocked_stats(x, start, stop, mean, m2, block_mean, block_m2):
-    """``_slab_stats`` block by block: Chan's update folds each block's statistics into the slab's.
+def _blocked_stats(x, start, stop, features_start, features_stop, mean, m2, block_mean, block_m2):
+    """``_slab_stats`` block by block, for features ``features_start:features_stop`` of ``mean``/``m2``.
 
-    The slab is cut into blocks of at most ``BLOCK_BYTES`` where the shape
-    allows (at least one row of one feature): wide ``(N, C)`` rows are cut
-    across the features so that a block spans several rows and its merge stays
-    cheap, and long ``inner`` runs are cut to a few features a block.
+    Chan's update folds each block's statistics into the slab's. The slab is cut
+    into blocks of at most ``BLOCK_BYTES`` where the shape allows (at least one
+    row of one feature): wide ``(N, C)`` rows are cut across the features so
+    that a block spans several rows and its merge stays cheap, and long
+    ``inner`` runs are cut to a few features a block.
     """
     outer, features, inner = x.shape
     block_elements = BLOCK_BYTES // x.itemsize
+    width = features_stop - features_start
     if inner == 1:
-        tile = max(1, min(features, FEATURE_TILE))
+        tile = max(1, min(width, FEATURE_TILE))
     else:
-        tile = max(1, min(features, block_elements // inner))
+        tile = max(1, min(width, block_elements // inner))
     rows_per_block = max(1, block_elements // (tile * inner))
     count = 0.0
-    mean[:] = 0.0
-    m2[:] = 0.0
+    for c in range(features_start, features_stop):
+        mean[c] = 0.0
+        m2[c] = 0.0
     for block_start in range(start, stop, rows_per_block):
         block_stop = min(block_start + rows_per_block, stop)
         block_count = float((block_stop - block_start) * inner)
-        for tile_start in range(0, features, tile):
-            tile_stop = min(tile_start + tile, features)
+        for tile_start in range(features_start, features_stop, tile):
+            tile_stop = min(tile_start + tile, features_stop)
             tile_mean = block_mean[tile_start:tile_stop]
             tile_m2 = block_m2[tile_start:tile_stop]
             _block_stats(x, block_start, block_stop, tile_start, tile_stop, tile_mean, tile_m2)
             chan_merge(count, mean[tile_start:tile_stop], m2[tile_start:tile_stop], block_count, tile_mean, tile_m2)
         count += block_count
     return count
+
+
+@jit
+def _splits_features(outer, features, inner, chunks):
+    """Whether a reduction over ``(N, C, H, W)`` data gives each slab features rather than rows.
+
+    Rows are the better split (a slab reads one contiguous range) unless they
+    share out less evenly than the features: a batch of one runs on a single
+    thread otherwise, and a batch of three on two threads waits for the slab
+    of two rows. ``(N, C)`` rows are short: there are always enough of them.
+    """
+    if inner == 1 or chunks == 1:
+        return False
+    rows_share = (outer + chunks - 1) // chunks / outer  # the largest slab's share of the work
+    features_share = (features + chunks - 1) // chunks / features
+    return features_share < rows_share
+
+
+@jit
+def _units(x):
+    """What the element-wise passes share among slabs: rows of ``(N, C)`` data, runs ``x[n, c]`` otherwise.
+
+    Runs are as contiguous as rows (run ``r`` is ``x[r // C, r % C]``), and a
+    batch of one has as many of them as features.
+    """
+    outer, features, inner = x.shape
+    return outer if inner == 1 else outer * features
 
 
 @parallel_jit
@@ -259,7 +293,8 @@ def partial_stats(x, chunks, mean, m2):
     Returns the number of values per feature.
     """
     outer, features, inner = x.shape
-    chunks = max(1, min(chunks, outer))
+    by_features = _splits_features(outer, features, inner, chunks)  # then each slab fills its own features
+    chunks = max(1, min(chunks, features if by_features else outer))
     slab_count = np.zeros(chunks)
     slab_mean = np.empty((chunks, features))
     slab_m2 = np.empty((chunks, features))
@@ -267,9 +302,15 @@ def partial_stats(x, chunks, mean, m2):
     if chunks == 1:  # skip the thread pool: its start-up dominates small arrays
         slab_count[0] = _slab_stats(x, ZERO, outer, slab_mean[0], slab_m2[0], scratch[0])
     else:
-        for t in prange(chunks):
-            start, stop = _bounds(outer, chunks, t)
-            slab_count[t] = _slab_stats(x, start, stop, slab_mean[t], slab_m2[t], scratch[t])
+        for t in prange(chunks):  # one parallel region for both splits: each costs a second of compilation
+            if by_features:
+                first, last = _bounds(features, chunks, t)
+                _blocked_stats(x, ZERO, outer, first, last, mean, m2, scratch[t, 0], scratch[t, 1])
+            else:
+                start, stop = _bounds(outer, chunks, t)
+                slab_count[t] = _slab_stats(x, start, stop, slab_mean[t], slab_m2[t], scratch[t])
+    if by_features:
+        return float(outer * inner)
     count = 0.0
     mean[:] = 0.0
     m2[:] = 0.0
@@ -340,7 +381,7 @@ def normalize_params(mean, invstd, gamma, beta, params):
 
 @jit
 def _slab_normalize(x, start, stop, params, stream, y):
-    """``y = (x - hi) * scale + shift`` on rows ``start:stop``; ``y`` may be ``x``.
+    """``y = (x - hi) * scale + shift`` on units ``start:stop`` (``_units``); ``y`` may be ``x``.
 
     ``stream``: ``(N, C)`` rows are written with non-temporal stores.
     """
@@ -382,15 +423,20 @@ def _normalize_vectors(x, start, stop, params, stream, y):
 
 
 @inline_jit
-def _normalize_runs(x, start, stop, params, y):
+def _normalize_runs(x, first, last, params, y):
     hi, scale, shift = params[MEAN_HI], params[SCALE], params[SHIFT]
-    for n in range(start, stop):
-        for c in range(x.shape[1]):
-            centre, factor, offset = hi[c], scale[c], shift[c]
-            run = x[n, c]
-            out_run = y[n, c]
-            for i in range(x.shape[2]):
-                out_run[i] = (run[i] - centre) * factor + offset
+    features = x.shape[1]
+    n, c = first // features, first % features
+    for _ in range(first, last):
+        centre, factor, offset = hi[c], scale[c], shift[c]
+        run = x[n, c]
+        out_run = y[n, c]
+        for i in range(x.shape[2]):
+            out_run[i] = (run[i] - centre) * factor + offset
+        c += 1
+        if c == features:
+            c = 0
+            n += 1
 
 
 @parallel_jit
@@ -399,13 +445,13 @@ def normalize(x, params, chunks, stream, y):
 
     ``stream``: write ``(N, C)`` rows of ``y`` with non-temporal stores.
     """
-    outer = x.shape[0]
-    chunks = max(1, min(chunks, outer))
+    units = _units(x)
+    chunks = max(1, min(chunks, units))
     if chunks == 1:
-        _slab_normalize(x, ZERO, outer, params, stream, y)
+        _slab_normalize(x, ZERO, units, params, stream, y)
     else:
         for t in prange(chunks):
-            start, stop = _bounds(outer, chunks, t)
+            start, stop = _bounds(units, chunks, t)
             _slab_normalize(x, start, stop, params, stream, y)
 
 
@@ -464,24 +510,30 @@ def _slab_grad_sums(dy, x, start, stop, mean, sum_dy, sum_dy_xmu):
                 sum_dy[c] += grad
                 sum_dy_xmu[c] += grad * (rows[n, c] - mean[c])
     else:
-        for n in range(start, stop):
-            for c in range(features):
-                centre = mean[c]
-                run = x[n, c]
-                grad_run = dy[n, c]
-                total = 0.0
-                total_xmu = 0.0
-                for i in range(inner):
-                    grad = np.float64(grad_run[i])
-                    total += grad
-                    total_xmu += grad * (run[i] - centre)
-                sum_dy[c] += total
-                sum_dy_xmu[c] += total_xmu
+        _runs_grad_sums(dy, x, start, stop, ZERO, features, mean, sum_dy, sum_dy_xmu)
+
+
+@jit
+def _runs_grad_sums(dy, x, start, stop, features_start, features_stop, mean, sum_dy, sum_dy_xmu):
+    """``_slab_grad_sums`` of ``(N, C, H, W)`` data, over features ``features_start:features_stop`` only."""
+    for n in range(start, stop):
+        for c in range(features_start, features_stop):
+            centre = mean[c]
+            run = x[n, c]
+            grad_run = dy[n, c]
+            total = 0.0
+            total_xmu = 0.0
+            for i in range(x.shape[2]):
+                grad = np.float64(grad_run[i])
+                total += grad
+                total_xmu += grad * (run[i] - centre)
+            sum_dy[c] += total
+            sum_dy_xmu[c] += total_xmu
 
 
 @jit
 def _slab_grad_input(dy, x, start, stop, params, stream, dx):
-    """``dx = dy * dy_scale - ((x - hi) * invstd) * xhat_scale - offset`` on rows ``start:stop``.
+    """``dx = dy * dy_scale - ((x - hi) * invstd) * xhat_scale - offset`` on units ``start:stop`` (``_units``).
 
     ``(x - hi) * invstd`` (``xhat`` but for the mean's rounding, which is in
     ``offset``) is formed first so that no factor leaves float32's range:
@@ -531,23 +583,28 @@ def _grad_input_vectors(dy, x, start, stop, params, stream, dx):
 
 
 @inline_jit
-def _grad_input_runs(dy, x, start, stop, params, dx):
+def _grad_input_runs(dy, x, first, last, params, dx):
     hi, invstd = params[MEAN_HI], params[INVSTD]
     dy_scale, xhat_scale, offset = params[DY_SCALE], params[XHAT_SCALE], params[OFFSET]
-    for n in range(start, stop):
-        for c in range(x.shape[1]):
-            centre, scale = hi[c], invstd[c]
-            a, b, d = dy_scale[c], xhat_scale[c], offset[c]
-            run = x[n, c]
-            grad_run = dy[n, c]
-            out_run = dx[n, c]
-            for i in range(x.shape[2]):
-                out_run[i] = grad_run[i] * a - (run[i] - centre) * scale * b - d
+    features = x.shape[1]
+    n, c = first // features, first % features
+    for _ in range(first, last):
+        centre, scale = hi[c], invstd[c]
+        a, b, d = dy_scale[c], xhat_scale[c], offset[c]
+        run = x[n, c]
+        grad_run = dy[n, c]
+        out_run = dx[n, c]
+        for i in range(x.shape[2]):
+            out_run[i] = grad_run[i] * a - (run[i] - centre) * scale * b - d
+        c += 1
+        if c == features:
+            c = 0
+            n += 1
 
 
 @jit
 def _slab_scale(dy, start, stop, params, dx):
-    """``dx = dy * dy_scale`` on rows ``start:stop`` (the inference backward); ``dx`` may be ``dy``."""
+    """``dx = dy * dy_scale`` on units ``start:stop`` (the inference backward); ``dx`` may be ``dy``."""
     outer, features, inner = dy.shape
     in_place = address(dx) == address(dy)
     if inner == 1:
@@ -571,15 +628,20 @@ def _scale_rows(grad_rows, start, stop, params, out_rows):
 
 
 @inline_jit
-def _scale_runs(dy, start, stop, params, dx):
+def _scale_runs(dy, first, last, params, dx):
     dy_scale = params[DY_SCALE]
-    for n in range(start, stop):
-        for c in range(dy.shape[1]):
-            a = dy_scale[c]
-            grad_run = dy[n, c]
-            out_run = dx[n, c]
-            for i in range(dy.shape[2]):
-                out_run[i] = grad_run[i] * a
+    features = dy.shape[1]
+    n, c = first // features, first % features
+    for _ in range(first, last):
+        a = dy_scale[c]
+        grad_run = dy[n, c]
+        out_run = dx[n, c]
+        for i in range(dy.shape[2]):
+            out_run[i] = grad_run[i] * a
+        c += 1
+        if c == features:
+            c = 0
+            n += 1
 
 
 @jit
@@ -604,19 +666,26 @@ def _slab_grad_sums_super(dy, x, start, stop, k, centre, sum_dy, sum_dy_xmu):
 def grad_sums(dy, x, mean, chunks, sum_dy, sum_dy_xmu):
     """``sum(dy)`` and ``sum(dy * (x - mean))`` per feature, in float64."""
     outer, features, inner = x.shape
-    chunks = max(1, min(chunks, outer))
+    by_features = _splits_features(outer, features, inner, chunks)  # then each slab adds its own features
+    chunks = max(1, min(chunks, features if by_features else outer))
     k = _super_rows(features, inner)
     centre = _tiled(mean, k)
     slab_dy = np.zeros((chunks, k * features))
     slab_dy_xmu = np.zeros((chunks, k * features))
+    sum_dy[:] = 0.0
+    sum_dy_xmu[:] = 0.0
     if chunks == 1:
         _slab_grad_sums_super(dy, x, ZERO, outer, k, centre, slab_dy[0], slab_dy_xmu[0])
     else:
-        for t in prange(chunks):
-            start, stop = _bounds(outer, chunks, t)
-            _slab_grad_sums_super(dy, x, start, stop, k, centre, slab_dy[t], slab_dy_xmu[t])
-    sum_dy[:] = 0.0
-    sum_dy_xmu[:] = 0.0
+        for t in prange(chunks):  # one parallel region for both splits, as in partial_stats
+            if by_features:
+                first, last = _bounds(features, chunks, t)
+                _runs_grad_sums(dy, x, ZERO, outer, first, last, mean, sum_dy, sum_dy_xmu)
+            else:
+                start, stop = _bounds(outer, chunks, t)
+                _slab_grad_sums_super(dy, x, start, stop, k, centre, slab_dy[t], slab_dy_xmu[t])
+    if by_features:
+        return
     for t in range(chunks):
         for q in range(k):
             sum_dy += slab_dy[t, q * features : (q + 1) * features]
@@ -631,21 +700,21 @@ def grad_input(dy, x, params, training, chunks, stream, dx):
     ``x`` is not read, so a NaN in it cannot reach ``dx``. ``stream``: write
     ``(N, C)`` rows of ``dx`` with non-temporal stores.
     """
-    outer = x.shape[0]
-    chunks = max(1, min(chunks, outer))
+    units = _units(x)
+    chunks = max(1, min(chunks, units))
     if training:
         if chunks == 1:
-            _slab_grad_input(dy, x, ZERO, outer, params, stream, dx)
+            _slab_grad_input(dy, x, ZERO, units, params, stream, dx)
         else:
             for t in prange(chunks):
-                start, stop = _bounds(outer, chunks, t)
+                start, stop = _bounds(units, chunks, t)
                 _slab_grad_input(dy, x, start, stop, params, stream, dx)
     else:
         if chunks == 1:
-            _slab_scale(dy, ZERO, outer, params, dx)
+            _slab_scale(dy, ZERO, units, params, dx)
         else:
             for t in prange(chunks):
-                start, stop = _bounds(outer, chunks, t)
+                start, stop = _bounds(units, chunks, t)
                 _slab_scale(dy, start, stop, params, dx)
 
 
