@@ -40,6 +40,9 @@ CASES = {
     "64x64x28x28": ((64, 64, 28, 28), 1),
     "32x256x14x14": ((32, 256, 14, 14), 1),
     "64x28x28x64,axis=-1": ((64, 28, 28, 64), 3),
+    # Beyond the grid: a batch of one, as inference serves it (and a batch whose
+    # rows cannot be shared among threads).
+    "1x64x112x112": ((1, 64, 112, 112), 1),
 }
 DTYPES = ("float32", "float64")
 LIBRARIES = ("numbanorm", "numpy", "torch")

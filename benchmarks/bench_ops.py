@@ -19,7 +19,7 @@ class _Operation:
     param_names = ("shape", "dtype", "library")
     op = None
     # One round and at most a few seconds of samples per combination keep the
-    # grid (240 combinations, each its own process) affordable on 2 cores.
+    # grid (270 combinations, each its own process) affordable on 2 cores.
     rounds = 1
     repeat = (1, 10, 5.0)
     timeout = 300
