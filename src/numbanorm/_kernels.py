@@ -424,6 +424,7 @@ def _normalize_vectors(x, start, stop, params, stream, y):
 
 @inline_jit
 def _normalize_runs(x, first, last, params, y):
+    """``_slab_normalize`` on runs ``first:last`` (``_units``) of ``(N, C, H, W)`` data."""
     hi, scale, shift = params[MEAN_HI], params[SCALE], params[SHIFT]
     features = x.shape[1]
     n, c = first // features, first % features
@@ -584,6 +585,7 @@ def _grad_input_vectors(dy, x, start, stop, params, stream, dx):
 
 @inline_jit
 def _grad_input_runs(dy, x, first, last, params, dx):
+    """``_slab_grad_input`` on runs ``first:last`` (``_units``) of ``(N, C, H, W)`` data."""
     hi, invstd = params[MEAN_HI], params[INVSTD]
     dy_scale, xhat_scale, offset = params[DY_SCALE], params[XHAT_SCALE], params[OFFSET]
     features = x.shape[1]
@@ -621,6 +623,7 @@ def _slab_scale(dy, start, stop, params, dx):
 
 @inline_jit
 def _scale_rows(grad_rows, start, stop, params, out_rows):
+    """``_slab_scale`` on rows ``start:stop`` of ``(N, C)`` data (2-D views)."""
     dy_scale = params[DY_SCALE]
     for n in range(start, stop):
         for c in range(grad_rows.shape[1]):
@@ -629,6 +632,7 @@ def _scale_rows(grad_rows, start, stop, params, out_rows):
 
 @inline_jit
 def _scale_runs(dy, first, last, params, dx):
+    """``_slab_scale`` on runs ``first:last`` (``_units``) of ``(N, C, H, W)`` data."""
     dy_scale = params[DY_SCALE]
     features = dy.shape[1]
     n, c = first // features, first % features
