@@ -507,6 +507,24 @@ def test_large_arrays_take_the_parallel_path_and_match():
         assert_close(dgamma, ref_dgamma, np.float32, scale=np.abs(dy).sum())
 
 
+@pytest.mark.parametrize(
+    "shape, chunks, by_features",
+    [
+        ((1, 64, 100), 2, True),  # a batch of one
+        ((3, 64, 100), 2, True),  # rows 2 + 1, features 32 + 32
+        ((4, 64, 100), 2, False),
+        ((64, 64, 100), 2, False),
+        ((2, 5, 9), 3, True),  # rows 1 + 1 + 0, features 2 + 2 + 1
+        ((1, 1, 100), 2, False),  # one feature: nothing to share
+        ((1, 64, 100), 1, False),  # one slab
+        ((5, 64, 1), 2, False),  # (N, C): rows
+        ((0, 64, 100), 2, False),  # empty
+    ],
+)
+def test_small_nchw_batches_split_their_reductions_by_features(shape, chunks, by_features):
+    assert _kernels._splits_features(*shape, chunks) == by_features
+
+
 @pytest.mark.parametrize("chunks", [2, 3, 8])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(1, 7, 50), (2, 5, 9), (3, 6, 20), (1, 1, 40), (5, 2, 3)])
@@ -518,10 +536,6 @@ def test_kernels_split_small_batches_by_features_and_runs(shape, dtype, chunks):
     rng = np.random.default_rng(outer * 100 + features)
     x = (rng.normal(0, 3, size=shape) + rng.uniform(-1e4, 1e4, (1, features, 1))).astype(dtype)
     dy = rng.normal(size=shape).astype(dtype)
-    assert _kernels._splits_features(outer, features, inner, chunks) == (
-        -(-features // chunks) / features < -(-outer // chunks) / outer
-    )
-    assert not _kernels._splits_features(outer, features, inner, 1)
     mean, m2 = np.empty(features), np.empty(features)
     count = _kernels.partial_stats(x, chunks, mean, m2)
     ref_mean, ref_var = reference.stats(x, 1)

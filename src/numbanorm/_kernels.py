@@ -268,7 +268,7 @@ def _splits_features(outer, features, inner, chunks):
     thread otherwise, and a batch of three on two threads waits for the slab
     of two rows. ``(N, C)`` rows are short: there are always enough of them.
     """
-    if inner == 1 or chunks == 1:
+    if inner == 1 or chunks == 1 or outer == 0 or features == 0:
         return False
     rows_share = (outer + chunks - 1) // chunks / outer  # the largest slab's share of the work
     features_share = (features + chunks - 1) // chunks / features
