@@ -29,7 +29,7 @@ from numba import njit, prange
 from numba.core.cpu import ParallelOptions
 
 from ._config import CACHE, FASTMATH
-from ._vectors import VECTOR_BYTES, address, store_fence, vector_grad_input, vector_normalize
+from ._vectors import VECTOR_BYTES, address, store_fence, vector_grad_input, vector_normalize, vector_scale
 
 # Bytes in one block of the two-pass statistics: small enough that the second pass
 # over the block finds it in L2 (half of a 512 KiB L2), large enough to amortize the
@@ -605,29 +605,40 @@ def _grad_input_runs(dy, x, first, last, params, dx):
 
 
 @jit
-def _slab_scale(dy, start, stop, params, dx):
-    """``dx = dy * dy_scale`` on units ``start:stop`` (the inference backward); ``dx`` may be ``dy``."""
-    outer, features, inner = dy.shape
-    in_place = address(dx) == address(dy)
-    if inner == 1:
-        grad_rows, out_rows = dy.reshape((outer, features)), dx.reshape((outer, features))
-        if in_place:  # one array for LLVM (``inline_jit``)
-            _scale_rows(out_rows, start, stop, params, out_rows)
-        else:
-            _scale_rows(grad_rows, start, stop, params, out_rows)
-    elif in_place:
-        _scale_runs(dx, start, stop, params, dx)
+def _slab_scale(dy, start, stop, params, stream, dx):
+    """``dx = dy * dy_scale`` on units ``start:stop`` (the inference backward); ``dx`` may be ``dy``.
+
+    ``stream``: ``(N, C)`` rows are written with non-temporal stores.
+    """
+    if dy.shape[2] == 1:
+        _scale_vectors(dy, start, stop, params, stream, dx)
+    elif address(dx) == address(dy):
+        _scale_runs(dx, start, stop, params, dx)  # in place: one array for LLVM (``inline_jit``)
     else:
         _scale_runs(dy, start, stop, params, dx)
 
 
-@inline_jit
-def _scale_rows(grad_rows, start, stop, params, out_rows):
-    """``_slab_scale`` on rows ``start:stop`` of ``(N, C)`` data (2-D views)."""
+@jit
+def _scale_vectors(dy, start, stop, params, stream, dx):
+    """``_slab_scale`` on ``(N, C)`` rows, in explicit vectors (``_vectors.vector_scale``), as ``_normalize_vectors``."""
+    features = dy.shape[1]
     dy_scale = params[DY_SCALE]
-    for n in range(start, stop):
-        for c in range(grad_rows.shape[1]):
-            out_rows[n, c] = grad_rows[n, c] * dy_scale[c]
+    flat_dy, flat_dx = dy.reshape(-1), dx.reshape(-1)
+    lanes = VECTOR_BYTES // dx.itemsize
+    first, last = start * features, stop * features
+    body, end = _vector_span(flat_dx, first, last)
+    for i in range(first, body):
+        flat_dx[i] = flat_dy[i] * dy_scale[i % features]
+    c = body % features
+    for i in range(body, end, lanes):
+        vector_scale(flat_dx, i, c, stream, flat_dy, dy_scale)
+        c += lanes
+        while c >= features:
+            c -= features
+    for i in range(end, last):
+        flat_dx[i] = flat_dy[i] * dy_scale[i % features]
+    if stream:
+        store_fence()
 
 
 @inline_jit
@@ -715,11 +726,11 @@ def grad_input(dy, x, params, training, chunks, stream, dx):
                 _slab_grad_input(dy, x, start, stop, params, stream, dx)
     else:
         if chunks == 1:
-            _slab_scale(dy, ZERO, units, params, dx)
+            _slab_scale(dy, ZERO, units, params, stream, dx)
         else:
             for t in prange(chunks):
                 start, stop = _bounds(units, chunks, t)
-                _slab_scale(dy, start, stop, params, dx)
+                _slab_scale(dy, start, stop, params, stream, dx)
 
 
 @jit

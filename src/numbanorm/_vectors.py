@@ -131,3 +131,16 @@ def vector_grad_input(typingctx, dx, i, c, nontemporal, dy, x, hi, invstd, dy_sc
     for ``vector_normalize``.
     """
     return types.void(dx, i, c, nontemporal, dy, x, hi, invstd, dy_scale, xhat_scale, offset), _vector_op(2, _input_gradient)
+
+
+def _scaled(b, dy, dy_scale):
+    return b.fmul(dy, dy_scale, flags=_FLAGS)
+
+
+@intrinsic
+def vector_scale(typingctx, dx, i, c, nontemporal, dy, dy_scale):
+    """``dx[i:i+lanes] = dy * dy_scale``, as ``_kernels._slab_scale``; ``dx[i]`` 32-byte aligned.
+
+    Arguments as for ``vector_normalize``.
+    """
+    return types.void(dx, i, c, nontemporal, dy, dy_scale), _vector_op(1, _scaled)
