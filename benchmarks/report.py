@@ -49,11 +49,17 @@ TOLERANCE = {"float32": 1e-4, "float64": 1e-10}  # relative to the norm of PyTor
 
 @numba.njit(parallel=True, cache=True)
 def parallel_copy(src, dst, chunks):
-    """``dst[:] = src`` for 1-D arrays, in ``chunks`` contiguous slabs (one per thread)."""
+    """``dst[:] = src`` for 1-D arrays, in ``chunks`` contiguous slabs (one per thread).
+
+    Slices, not an element loop over ``range(start, stop)``: Numba cannot tell
+    that such an index is never negative, and its wraparound check kept LLVM
+    from vectorizing the loop. That copy ran 1.2x (32 MiB, from memory) to 4x
+    (3 MiB float32, in cache) slower than this one, and the roofline with it.
+    """
     n = src.size
     for t in numba.prange(chunks):
-        for i in range(t * n // chunks, (t + 1) * n // chunks):
-            dst[i] = src[i]
+        start, stop = t * n // chunks, (t + 1) * n // chunks
+        dst[start:stop] = src[start:stop]
 
 
 # --- measuring -------------------------------------------------------------------------

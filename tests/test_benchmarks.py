@@ -18,7 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ is a package at the root, not installed
 
 from benchmarks import _cases, bench_ops  # noqa: E402
-from benchmarks.report import TOLERANCE, relative_error  # noqa: E402
+from benchmarks.report import TOLERANCE, parallel_copy, relative_error  # noqa: E402
 
 # Small, and each layout the kernels see: (N, C) and channels-last.
 CASES = [("32x64", "float32"), ("32x64", "float64"), ("64x28x28x64,axis=-1", "float32")]
@@ -86,3 +86,13 @@ def test_asv_finds_the_suite():
         text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, 4099])
+@pytest.mark.parametrize("chunks", [1, 2, 3])
+def test_the_roofline_copy_copies_every_element_once(size, chunks):
+    src = np.random.default_rng(size).standard_normal(size).astype(np.float32)
+    dst = np.full(size + 2, np.nan, dtype=np.float32)
+    parallel_copy(src, dst[1:-1], chunks)
+    np.testing.assert_array_equal(dst[1:-1], src)
+    assert np.isnan(dst[0]) and np.isnan(dst[-1])
