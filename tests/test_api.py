@@ -95,7 +95,8 @@ def test_forward_matches_reference(case, path):
     assert y.dtype == x.dtype and y.shape == x.shape
     assert mean.dtype == invstd.dtype == np.float64
     assert_close(y, ref_y, x.dtype)
-    np.testing.assert_allclose(mean, ref_mean, rtol=1e-9, atol=1e-9 * np.abs(x).max(initial=1))
+    # The scale as a Python float: a float16 one would round 1e-9 (and the tolerance) to zero.
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-9, atol=1e-9 * float(np.abs(x).max(initial=1)))
     np.testing.assert_allclose(invstd, ref_invstd, rtol=1e-7)
     assert rm.dtype == rv.dtype == x.dtype
     assert_close(rm, ref_rm, x.dtype)
@@ -309,7 +310,7 @@ def test_moving_the_feature_axis_commutes(case):
     moved = np.moveaxis(x_laid_out, axis, -1)
     y_moved, mean_moved, invstd_moved = numbanorm.batch_norm_forward(moved, gamma, beta, axis=-1, training=training, **stats)
     assert_close(y_moved, np.moveaxis(y, axis, -1), x.dtype)
-    np.testing.assert_allclose(mean_moved, mean, rtol=1e-12, atol=1e-12 * np.abs(x).max(initial=1))
+    np.testing.assert_allclose(mean_moved, mean, rtol=1e-12, atol=1e-12 * float(np.abs(x).max(initial=1)))
     np.testing.assert_allclose(invstd_moved, invstd, rtol=1e-9)
 
 
