@@ -391,9 +391,26 @@ def test_inference_on_an_empty_batch_returns_an_empty_result():
     np.testing.assert_array_equal(invstd, 0.5)
 
 
-def test_training_with_zero_features_returns_empty_results():
-    y, mean, invstd = numbanorm.batch_norm_forward(np.empty((4, 0, 2)))
-    assert y.shape == (4, 0, 2) and mean.shape == invstd.shape == (0,)
+@pytest.mark.parametrize("path", ["serial", "parallel", "streamed"])
+@pytest.mark.parametrize("shape", [(4, 0), (4, 0, 2), (1, 0, 3, 3)])
+def test_every_operation_on_zero_features_returns_empty_results(shape, path):
+    # (4, 0) is the case the (N, C) vector passes see as ``i % 0``: Numba's numpy error
+    # model makes that 0, and nothing may be read or written.
+    x = np.empty(shape, np.float32)
+    features = shape[1]
+    ones, zeros = np.ones(features), np.zeros(features)
+    with kernel_path(path):
+        y, mean, invstd = numbanorm.batch_norm_forward(x, out=np.empty_like(x))
+        y_infer, _, _ = numbanorm.batch_norm_forward(x, training=False, running_mean=zeros, running_var=ones)
+        dx, dgamma, dbeta = numbanorm.batch_norm_backward(x, x, zeros, ones, out=x)
+        dx_infer, _, _ = numbanorm.batch_norm_backward(x, x, zeros, ones, training=False)
+        stats = numbanorm.batch_norm_stats(x)
+    for array in (y, y_infer, dx, dx_infer):
+        assert array.shape == shape and array.dtype == np.float32
+    assert mean.shape == invstd.shape == dgamma.shape == dbeta.shape == (features,)
+    assert all(s.shape == (features,) for s in stats[:2])
+    np.testing.assert_array_equal(dbeta, 0.0)
+    np.testing.assert_array_equal(dgamma, 0.0)
 
 
 # --- numerics --------------------------------------------------------------------------------
