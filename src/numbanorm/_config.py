@@ -25,7 +25,9 @@
     above 32 MiB: ``api._stream``.)
     On the 2-core machine (32 MB of L3) the benchmarks ran on, the backward
     of 10-134 MB arrays got up to 47 % faster (most by 5-20 %, none slower),
-    the forward and inference of 10-32 MB ones up to 27 %.
+    the forward and inference of 10-32 MB ones up to 27 %. On another day it
+    paid nowhere (0.92-1.07x on 64-128 MB; 0.85-0.90x for the inference of
+    8-16 MB outputs, which fit in L3 with their input): README, "Streaming stores".
 
 Threads: the kernels use ``numba.get_num_threads()``, so ``NUMBA_NUM_THREADS``
 and ``numba.set_num_threads`` apply as for any Numba code.
