@@ -394,8 +394,8 @@ def test_inference_on_an_empty_batch_returns_an_empty_result():
 @pytest.mark.parametrize("path", ["serial", "parallel", "streamed"])
 @pytest.mark.parametrize("shape", [(4, 0), (4, 0, 2), (1, 0, 3, 3)])
 def test_every_operation_on_zero_features_returns_empty_results(shape, path):
-    # (4, 0) is the case the (N, C) vector passes see as ``i % 0``: Numba's numpy error
-    # model makes that 0, and nothing may be read or written.
+    # With no features the (N, C) vector passes still compute ``body % features``, a modulo
+    # by zero: Numba's numpy error model makes it 0 (its python one raises), and no loop runs.
     x = np.empty(shape, np.float32)
     features = shape[1]
     ones, zeros = np.ones(features), np.zeros(features)

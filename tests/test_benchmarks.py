@@ -90,7 +90,7 @@ def test_asv_finds_the_suite():
 
 @pytest.mark.parametrize("size", [0, 1, 7, 4099])
 @pytest.mark.parametrize("chunks", [1, 2, 3])
-def test_the_roofline_copy_copies_every_element_once(size, chunks):
+def test_the_roofline_copy_copies_every_element_and_nothing_more(size, chunks):
     src = np.random.default_rng(size).standard_normal(size).astype(np.float32)
     dst = np.full(size + 2, np.nan, dtype=np.float32)
     parallel_copy(src, dst[1:-1], chunks)
