@@ -10,6 +10,7 @@ import importlib.util
 import pathlib
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ is a package at the root, not installed
 
 from benchmarks import _cases, bench_ops  # noqa: E402
-from benchmarks.report import TOLERANCE, parallel_copy, relative_error  # noqa: E402
+from benchmarks.report import TOLERANCE, Contender, parallel_copy, relative_error  # noqa: E402
 
 # Small, and each layout the kernels see: (N, C) and channels-last.
 CASES = [("32x64", "float32"), ("32x64", "float64"), ("64x28x28x64,axis=-1", "float32")]
@@ -96,3 +97,18 @@ def test_the_roofline_copy_copies_every_element_and_nothing_more(size, chunks):
     parallel_copy(src, dst[1:-1], chunks)
     np.testing.assert_array_equal(dst[1:-1], src)
     assert np.isnan(dst[0]) and np.isnan(dst[-1])
+
+
+def test_one_slow_call_does_not_make_a_contender_time_single_calls():
+    # The report times samples of `number` calls. A first call 100x slower than the
+    # rest (as the float32 batch-of-one backward's first call after PyTorch's was)
+    # must not set `number` to 1: every sample would then time one cold call.
+    calls = []
+
+    def function():
+        calls.append(None)
+        time.sleep(0.05 if len(calls) == 1 else 0.0005)
+
+    contender = Contender("slow first call", function, threads=1)
+    contender.calibrate(sample_seconds=0.01)
+    assert 5 <= contender.number <= 20
