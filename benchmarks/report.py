@@ -97,9 +97,10 @@ class Contender:
         the caches full of the previous contender's data) while the other
         contenders' samples timed many warm ones. The float32 backward of a
         batch of one (1x64x112x112) was measured that way in three of four
-        runs: its first call after PyTorch's took 11-19 ms (7.7 ms of it in
-        the kernel, no page fault), and the row then showed 0.6-0.75x of
-        PyTorch instead of 1.4x or more.
+        runs, and showed 0.6-0.75x of PyTorch instead of 1.15x or more: its
+        first call took 11-19 ms, because a ``free`` in it made glibc give the
+        previous row's 24.5 MB back to the system (a ``brk`` of 15.7 ms under
+        strace).
         """
         self.number = 1
         one_call = min(self.sample() for _ in range(3))
