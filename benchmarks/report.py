@@ -104,7 +104,7 @@ class Contender:
         """
         self.number = 1
         one_call = min(self.sample() for _ in range(3))
-        self.number = max(1, min(100_000, math.ceil(sample_seconds / max(one_call, 1e-7))))
+        self.number = min(100_000, math.ceil(sample_seconds / max(one_call, 1e-7)))
 
     @property
     def median(self):
