@@ -478,6 +478,26 @@ def test_a_constant_feature_gives_beta(dtype, shape, axis):
     np.testing.assert_array_equal(y[tuple(index)], np.asarray(beta[1], dtype))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+# (1, 2, 256, 256): one block holds 65536 values of a feature (_kernels.BLOCK_BYTES).
+@pytest.mark.parametrize("shape, axis", [((4096, 2), 1), ((1, 2, 256, 256), 1), ((64, 8, 8, 2), -1)])
+@pytest.mark.parametrize("path", ["serial", "parallel"])
+def test_an_outlying_first_value_keeps_the_statistics_exact(dtype, shape, axis, path):
+    # The worst case of the one-pass block statistics (_kernels._block_stats): they
+    # subtract each block's first value, and the cancellation in m2 is largest when
+    # that value lies far from all the others, which sit at 10**4 with a spread of
+    # 10**-3. (E[x**2] - E[x]**2 would lose every digit of their variance.)
+    x = np.random.default_rng(5).normal(1e4, 1e-3, size=shape).astype(dtype)
+    first = [0] * x.ndim  # each feature's first value
+    first[axis] = slice(None)
+    x[tuple(first)] = [1e4 + 1e3, 1e4 - 7.0]
+    with kernel_path(path):
+        mean, var = numbanorm.batch_norm_stats(x, axis=axis)
+    ref_mean, ref_var = reference.stats(x, axis)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-12)
+    np.testing.assert_allclose(var, ref_var, rtol=1e-9)
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("shape, axis", [((200, 4), 1), ((9, 4, 6, 6), 1), ((9, 6, 4), -1), ((70000, 4), 1)])
 def test_nan_or_inf_stays_in_its_feature(bad, shape, axis):

@@ -15,11 +15,12 @@ batch of one, or of three on two threads) is split by features for the
 reductions (``_splits_features``), each slab then owning the statistics of its
 features, and by runs of ``inner`` values (``x[n, c]``) for the element-wise
 passes. Statistics and sums accumulate in float64 whatever the
-input dtype; the mean and variance come from a blocked two-pass (each block's
-mean, then its squared deviations while the block is still in cache) merged
-block by block with Chan's update, so the input is read once from memory
-(when one row of one feature fits in a block) and ``E[x**2] - E[x]**2``
-never appears. The element-wise passes run ``(N, C)`` rows as one flat range
+input dtype; the mean and variance come from one pass over each block that
+sums the deviations from the block's first value of the feature and their
+squares, corrected to the block's mean and squared deviations (``_corrected``),
+then merged block by block with Chan's update, so the input is read once from
+memory and converted to float64 once. ``E[x**2] - E[x]**2`` never appears: the
+shift is a data value, which bounds the cancellation. The element-wise passes run ``(N, C)`` rows as one flat range
 of explicit vectors (``_vectors.py``), stored plainly or, when ``api.py`` asks
 for it on large arrays (``stream``), with non-temporal stores.
 """
@@ -31,8 +32,8 @@ from numba.core.cpu import ParallelOptions
 from ._config import CACHE, FASTMATH
 from ._vectors import VECTOR_BYTES, address, store_fence, vector_grad_input, vector_normalize, vector_scale
 
-# Bytes in one block of the two-pass statistics: small enough that the second pass
-# over the block finds it in L2 (half of a 512 KiB L2), large enough to amortize the
+# Bytes in one block of the statistics: small enough to stay in L2 (half of a 512 KiB
+# L2; the block pass was a two-pass when this was chosen), large enough to amortize the
 # merge. Measured on (N, C) data in the benchmark loop against the former 16384
 # values a block: float32 (64 KiB then) 15-27 % faster, float64 (128 KiB then) 1-6 %;
 # 512 KiB was no faster for float32 and 5-15 % slower for float64.
@@ -92,19 +93,25 @@ def chan_merge(count, mean, m2, other_count, other_mean, other_m2):
 def _block_stats(x, rows_start, rows_stop, features_start, features_stop, block_mean, block_m2):
     """Mean and m2 of one block: rows ``rows_start:rows_stop``, features ``features_start:features_stop``.
 
-    Two passes, the second while the block is still in cache. For float64 data
-    the first sums deviations from the block's first value of each feature, so
-    that a constant feature gets its value back exactly (a plain float64 sum of
-    1e10 + 0.3 is not exact, and the rounding, divided by ``sqrt(eps)``, would
-    show in ``y``). float32 values need no shift: their float64 sums are exact
-    for a constant feature, and the subtraction would cost a sixth of the pass.
+    One pass, from each feature's first value in the block (``shift``): the sums
+    of the deviations ``d = x - shift`` and of their squares, in float64, give
+    ``mean = shift + S1 / n`` and ``m2 = S2 - S1**2 / n`` (the corrected two-pass
+    algorithm of Chan, Golub and LeVeque, 1983, with the shift as its first pass).
+    This is not ``E[x**2] - E[x]**2``: the subtraction magnifies the relative
+    rounding error of ``S2 = m2 + n * (shift - mean)**2`` by ``S2 / m2``, and
+    since ``shift`` is one of the block's values, ``(shift - mean)**2 <= m2``, so
+    that factor is at most ``n + 1`` whatever the data's offset (``E[x**2]``'s
+    grows with the offset squared). The tests check the variance at a relative
+    1e-9 against float64 NumPy on data at 1e4 with a spread of 1e-3 and an
+    outlying first value. A constant feature gives ``S1 = S2 = 0``: its value back exactly, and
+    ``m2 = 0``. One pass instead of two halves the float32 -> float64
+    conversions, which bound the statistics of float32 data in cache.
     The loops index from zero (row slices, ``j``): an offset index such as
     ``c - start`` may be negative as far as Numba knows, and its wraparound
     check stops LLVM from vectorizing the loop (4x slower).
     """
     outer, features, inner = x.shape
     width = features_stop - features_start
-    shifted = x.itemsize == 8  # a compile-time constant: the other branch is compiled away
     block_mean[:] = 0.0
     block_m2[:] = 0.0
     if inner == 1:
@@ -117,44 +124,43 @@ def _block_stats(x, rows_start, rows_stop, features_start, features_stop, block_
             a, b = rows[n, features_start:features_stop], rows[n + 1, features_start:features_stop]
             c, d = rows[n + 2, features_start:features_stop], rows[n + 3, features_start:features_stop]
             for j in range(width):
-                shift = np.float64(first[j]) if shifted else 0.0
-                block_mean[j] += ((a[j] - shift) + (b[j] - shift)) + ((c[j] - shift) + (d[j] - shift))
-        for n in range(quad_stop, rows_stop):
-            row = rows[n, features_start:features_stop]
-            for j in range(width):
-                block_mean[j] += row[j] - (np.float64(first[j]) if shifted else 0.0)
-        for j in range(width):
-            block_mean[j] = (first[j] if shifted else 0.0) + block_mean[j] / (rows_stop - rows_start)
-        for n in range(rows_start, quad_stop, 4):
-            a, b = rows[n, features_start:features_stop], rows[n + 1, features_start:features_stop]
-            c, d = rows[n + 2, features_start:features_stop], rows[n + 3, features_start:features_stop]
-            for j in range(width):
-                centre = block_mean[j]
-                da, db, dc, dd = a[j] - centre, b[j] - centre, c[j] - centre, d[j] - centre
+                shift = np.float64(first[j])
+                da, db, dc, dd = a[j] - shift, b[j] - shift, c[j] - shift, d[j] - shift
+                block_mean[j] += (da + db) + (dc + dd)
                 block_m2[j] += (da * da + db * db) + (dc * dc + dd * dd)
         for n in range(quad_stop, rows_stop):
             row = rows[n, features_start:features_stop]
             for j in range(width):
-                deviation = row[j] - block_mean[j]
+                deviation = row[j] - np.float64(first[j])
+                block_mean[j] += deviation
                 block_m2[j] += deviation * deviation
-    else:
+        count = rows_stop - rows_start
         for j in range(width):
-            shift = np.float64(x[rows_start, features_start + j, 0]) if shifted else 0.0
+            _corrected(np.float64(first[j]), count, block_mean, block_m2, j)
+    else:
+        count = (rows_stop - rows_start) * inner
+        for j in range(width):
+            shift = np.float64(x[rows_start, features_start + j, 0])
             total = 0.0
+            squares = 0.0
             for n in range(rows_start, rows_stop):
                 run = x[n, features_start + j]
                 for i in range(inner):
-                    total += run[i] - shift
-            block_mean[j] = shift + total / ((rows_stop - rows_start) * inner)
-        for n in range(rows_start, rows_stop):
-            for j in range(width):
-                run = x[n, features_start + j]
-                centre = block_mean[j]
-                total = 0.0
-                for i in range(inner):
-                    deviation = run[i] - centre
-                    total += deviation * deviation
-                block_m2[j] += total
+                    deviation = run[i] - shift
+                    total += deviation
+                    squares += deviation * deviation
+            block_mean[j] = total
+            block_m2[j] = squares
+            _corrected(shift, count, block_mean, block_m2, j)
+
+
+@jit
+def _corrected(shift, count, block_mean, block_m2, j):
+    """Turn the sums ``S1, S2`` of the deviations from ``shift`` (in ``block_mean[j]``/``block_m2[j]``) into mean and m2."""
+    total = block_mean[j]
+    block_mean[j] = shift + total / count
+    m2 = block_m2[j] - total * (total / count)
+    block_m2[j] = 0.0 if m2 < 0.0 else m2  # rounding; a NaN stays
 
 
 @jit
