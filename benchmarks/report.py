@@ -382,4 +382,12 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    if not __package__:
+        # Run as a script: run the module the tests and asv import (benchmarks.report)
+        # instead of this copy of it named __main__. Numba's disk cache of parallel_copy
+        # records the name of the module that defined it, and an entry written under one
+        # name fails to load under the other (ModuleNotFoundError: No module named
+        # 'benchmarks' after the tests had run).
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        pass
     main()

@@ -99,6 +99,20 @@ def test_the_roofline_copy_copies_every_element_and_nothing_more(size, chunks):
     assert np.isnan(dst[0]) and np.isnan(dst[-1])
 
 
+def test_the_report_runs_as_a_script_after_the_tests_cached_its_copy():
+    # This process has compiled parallel_copy as benchmarks.report and cached it on
+    # disk; the script must load that entry (it once failed: "No module named
+    # 'benchmarks'", because the script ran the module as __main__).
+    parallel_copy(np.zeros(3, np.float32), np.empty(3, np.float32), 1)  # the script's signature
+    result = subprocess.run(
+        [sys.executable, "benchmarks/report.py", "--quick", "--no-cold-start", "--shapes", "32x64",
+         "--dtypes", "float32", "--ops", "stats"],
+        cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "| stats |" in result.stdout
+
+
 def test_one_slow_call_does_not_make_a_contender_time_single_calls():
     # The report times samples of `number` calls. A first call far slower than the
     # rest (as the float32 batch-of-one backward's was, when glibc trimmed the heap
