@@ -389,5 +389,5 @@ if __name__ == "__main__":
         # name fails to load under the other (ModuleNotFoundError: No module named
         # 'benchmarks' after the tests had run).
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        pass
+        from benchmarks.report import main
     main()
