@@ -20,9 +20,10 @@ sums the deviations from the block's first value of the feature and their
 squares, corrected to the block's mean and squared deviations (``_corrected``),
 then merged block by block with Chan's update, so the input is read once from
 memory and converted to float64 once. ``E[x**2] - E[x]**2`` never appears: the
-shift is a data value, which bounds the cancellation. The element-wise passes run ``(N, C)`` rows as one flat range
-of explicit vectors (``_vectors.py``), stored plainly or, when ``api.py`` asks
-for it on large arrays (``stream``), with non-temporal stores.
+shift is a data value, which bounds the cancellation. The element-wise passes
+run ``(N, C)`` rows as one flat range of explicit vectors (``_vectors.py``),
+stored plainly or, when ``api.py`` asks for it on large arrays (``stream``),
+with non-temporal stores.
 """
 
 import numpy as np
@@ -103,9 +104,9 @@ def _block_stats(x, rows_start, rows_stop, features_start, features_stop, block_
     that factor is at most ``n + 1`` whatever the data's offset (``E[x**2]``'s
     grows with the offset squared). The tests check the variance at a relative
     1e-9 against float64 NumPy on data at 1e4 with a spread of 1e-3 and an
-    outlying first value. A constant feature gives ``S1 = S2 = 0``: its value back exactly, and
-    ``m2 = 0``. One pass instead of two halves the float32 -> float64
-    conversions, which bound the statistics of float32 data in cache.
+    outlying first value. A constant feature gives ``S1 = S2 = 0``: its value
+    back exactly, and ``m2 = 0``. One pass instead of two halves the float32 ->
+    float64 conversions, which bound the statistics of float32 data in cache.
     The loops index from zero (row slices, ``j``): an offset index such as
     ``c - start`` may be negative as far as Numba knows, and its wraparound
     check stops LLVM from vectorizing the loop (4x slower).
