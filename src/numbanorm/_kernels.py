@@ -33,11 +33,12 @@ from numba.core.cpu import ParallelOptions
 from ._config import CACHE, FASTMATH
 from ._vectors import VECTOR_BYTES, address, store_fence, vector_grad_input, vector_normalize, vector_scale
 
-# Bytes in one block of the statistics: small enough to stay in L2 (half of a 512 KiB
-# L2; the block pass was a two-pass when this was chosen), large enough to amortize the
-# merge. Measured on (N, C) data in the benchmark loop against the former 16384
-# values a block: float32 (64 KiB then) 15-27 % faster, float64 (128 KiB then) 1-6 %;
-# 512 KiB was no faster for float32 and 5-15 % slower for float64.
+# Bytes in one block of the statistics: half of a 512 KiB L2, large enough to amortize
+# the merge. Chosen for the former two-pass (whose second pass re-read the block from
+# L2): against 16384 values a block, float32 (64 KiB then) 15-27 % faster, float64 (128
+# KiB then) 1-6 %; 512 KiB no faster for float32, 5-15 % slower for float64. Measured
+# again with the one pass (the report's shapes, medians of 3 alternating processes):
+# 64 KiB took 1.0-2.1x the time of 256 KiB, 1 MiB 0.72-1.33x, slower on 6 shapes of 10.
 BLOCK_BYTES = 262144
 # Features in one block of (N, C) data: with 1024 features, a float32 block is 64
 # rows, and the per-block merge costs a sixty-fourth of the data's pass.
