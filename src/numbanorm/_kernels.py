@@ -138,7 +138,7 @@ def _block_stats(x, rows_start, rows_stop, features_start, features_stop, block_
                 block_m2[j] += deviation * deviation
         count = rows_stop - rows_start
         for j in range(width):
-            _corrected(np.float64(first[j]), count, block_mean, block_m2, j)
+            block_mean[j], block_m2[j] = _corrected(np.float64(first[j]), count, block_mean[j], block_m2[j])
     else:
         count = (rows_stop - rows_start) * inner
         for j in range(width):
@@ -151,18 +151,14 @@ def _block_stats(x, rows_start, rows_stop, features_start, features_stop, block_
                     deviation = run[i] - shift
                     total += deviation
                     squares += deviation * deviation
-            block_mean[j] = total
-            block_m2[j] = squares
-            _corrected(shift, count, block_mean, block_m2, j)
+            block_mean[j], block_m2[j] = _corrected(shift, count, total, squares)
 
 
 @jit
-def _corrected(shift, count, block_mean, block_m2, j):
-    """Turn the sums ``S1, S2`` of the deviations from ``shift`` (in ``block_mean[j]``/``block_m2[j]``) into mean and m2."""
-    total = block_mean[j]
-    block_mean[j] = shift + total / count
-    m2 = block_m2[j] - total * (total / count)
-    block_m2[j] = 0.0 if m2 < 0.0 else m2  # rounding; a NaN stays
+def _corrected(shift, count, total, squares):
+    """Mean and m2 of ``count`` values from the sums of their deviations from ``shift`` and of their squares."""
+    m2 = squares - total * (total / count)
+    return shift + total / count, (0.0 if m2 < 0.0 else m2)  # m2 < 0: rounding; a NaN stays
 
 
 @jit
