@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 DTYPES = (np.float16, np.float32, np.float64)
-LAYOUTS = ("C", "F", "strided", "reversed", "permuted", "readonly")
+LAYOUTS = ("C", "F", "strided", "reversed", "permuted", "readonly", "unaligned")
 
 
 @st.composite
@@ -53,6 +53,9 @@ def with_layout(a, layout):
     """An array equal to ``a`` in the memory layout named by ``layout`` (one of ``LAYOUTS``).
 
     "permuted" moves the axes in memory (for 2-D arrays that is Fortran order).
+    "unaligned" is C-contiguous but one byte into its buffer, so that its address
+    is not a multiple of its itemsize (as ``np.frombuffer(..., offset=1)`` or a
+    memory map of a file with an odd-sized header gives); it stays writeable.
     """
     if layout == "C":
         return np.ascontiguousarray(a)
@@ -67,6 +70,12 @@ def with_layout(a, layout):
     if layout == "permuted":
         order = tuple(reversed(range(a.ndim)))[1:] + (a.ndim - 1,)
         return np.ascontiguousarray(a.transpose(order)).transpose(np.argsort(order))
+    if layout == "unaligned":
+        buffer = np.zeros(a.nbytes + 1, dtype=np.uint8)
+        b = buffer[1:].view(a.dtype).reshape(a.shape)
+        b[...] = a
+        assert not b.flags.aligned or a.size == 0
+        return b
     if layout == "readonly":
         b = a.copy()
         b.flags.writeable = False

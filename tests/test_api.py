@@ -225,6 +225,44 @@ def test_every_pass_in_place_matches_one_into_a_new_array(shape, axis, dtype, pa
                 np.testing.assert_array_equal(out, expected, err_msg=f"{name} in place of {target}")
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, axis", [((300, 17), 1), ((6, 3, 50), 1), ((6, 50, 3), -1)])
+@pytest.mark.parametrize("path", PATHS)
+def test_unaligned_arrays_give_what_aligned_ones_give(shape, axis, dtype, path):
+    # Arrays one byte into their buffer (np.frombuffer at an odd offset, a memory map past an
+    # odd-sized header): the vector kernels' stores need a 32-byte boundary that whole values
+    # from such an address never reach, and writing into one as ``out`` crashed the process.
+    rng = np.random.default_rng(8)
+    x = (rng.normal(size=shape) * 3 + 5).astype(dtype)
+    dy = rng.normal(size=shape).astype(dtype)
+    features = shape[axis]
+    gamma, beta = rng.uniform(0.5, 2, features), rng.normal(size=features)
+    running = rng.normal(size=features).astype(dtype), rng.uniform(0.5, 2, features).astype(dtype)
+    _, mean, invstd = numbanorm.batch_norm_forward(x, axis=axis)
+    calls = {
+        "forward": lambda x, dy, out=None, rm=None, rv=None: numbanorm.batch_norm_forward(
+            x, gamma, beta, axis=axis, out=out, running_mean=rm, running_var=rv
+        )[0],
+        "inference": lambda x, dy, out=None, rm=None, rv=None: numbanorm.batch_norm_forward(
+            x, gamma, beta, axis=axis, training=False, out=out, running_mean=running[0], running_var=running[1]
+        )[0],
+        "backward": lambda x, dy, out=None, rm=None, rv=None: numbanorm.batch_norm_backward(dy, x, mean, invstd, gamma, axis=axis, out=out)[0],
+    }
+    with kernel_path(path):
+        for name, call in calls.items():
+            rm, rv = running[0].copy(), running[1].copy()
+            expected = call(x, dy, rm=rm, rv=rv)
+            for target in ("new", "x", "dy"):
+                ux, udy = with_layout(x, "unaligned"), with_layout(dy, "unaligned")
+                urm, urv = with_layout(running[0], "unaligned"), with_layout(running[1], "unaligned")
+                out = {"new": with_layout(np.full_like(x, np.nan), "unaligned"), "x": ux, "dy": udy}[target]
+                assert call(ux, udy, out=out, rm=urm, rv=urv) is out
+                np.testing.assert_array_equal(out, expected, err_msg=f"{name} into {target}")
+                if name == "forward":  # unaligned running statistics, updated in place (by NumPy)
+                    assert_close(urm, rm, dtype)
+                    assert_close(urv, rv, dtype)
+
+
 # --- gradients against finite differences ----------------------------------------------------
 
 
@@ -711,6 +749,16 @@ def test_bad_input_raises_naming_the_argument_and_modifies_nothing(name, call, e
     with pytest.raises(exception, match=rf"\b{argument}\b"):
         call(x)
     np.testing.assert_array_equal(x, X)
+
+
+@pytest.mark.skipif(np.dtype(np.longdouble).itemsize <= 8, reason="longdouble is float64 on this platform")
+def test_float128_running_statistics_are_refused_before_anything_is_written():
+    out = np.zeros_like(X)
+    running_mean, running_var = np.zeros(4, np.longdouble), np.ones(4, np.longdouble)
+    with pytest.raises(TypeError, match="running_mean"):
+        numbanorm.batch_norm_forward(X, running_mean=running_mean, running_var=running_var, out=out)
+    np.testing.assert_array_equal(out, 0.0)
+    np.testing.assert_array_equal(running_mean, 0.0)
 
 
 def test_failed_training_call_leaves_running_statistics_alone():

@@ -1,5 +1,8 @@
 """BatchNorm: modes, running statistics, gradients and state_dict, against the reference (and PyTorch when present)."""
 
+import copy
+import pickle
+
 import numpy as np
 import pytest
 
@@ -133,6 +136,49 @@ def test_load_state_dict_rejects_wrong_keys_and_shapes():
 
 
 @pytest.mark.parametrize(
+    "key, value, exception",
+    [
+        ("running_mean", np.array(["a"] * 5), TypeError),
+        ("running_var", np.full(5, None), TypeError),
+        ("num_batches_tracked", np.array(2.5), TypeError),
+        ("num_batches_tracked", "3", TypeError),
+    ],
+)
+def test_a_state_that_raises_loads_nothing(key, value, exception):
+    # Every value is checked before any is loaded: "weight" (5.0 everywhere) must not
+    # be half-loaded when another key fails, whatever order the keys come in.
+    layer = numbanorm.BatchNorm(5)
+    layer.forward(batch(1))
+    before = layer.state_dict()
+    state = {**before, "weight": np.full(5, 5.0), "bias": np.full(5, -1.0), key: value}
+    with pytest.raises(exception, match=key):
+        layer.load_state_dict(state)
+    for name, array in layer.state_dict().items():
+        np.testing.assert_array_equal(array, before[name], err_msg=name)
+
+
+def test_train_takes_a_bool_only():
+    layer = numbanorm.BatchNorm(3).eval()
+    with pytest.raises(TypeError, match="mode"):
+        layer.train("False")  # a non-empty string: bool() of it would switch training on
+    assert not layer.training
+    assert layer.train(np.bool_(True)).training
+
+
+def test_pickles_and_copies_leave_out_the_saved_input():
+    layer = numbanorm.BatchNorm(64)
+    x = batch(2, (4096, 64))
+    layer.forward(x)
+    for clone in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer), copy.copy(layer)):
+        with pytest.raises(RuntimeError, match="forward"):
+            clone.backward(np.ones_like(x))
+        for name, array in layer.state_dict().items():
+            np.testing.assert_array_equal(clone.state_dict()[name], array, err_msg=name)
+    assert len(pickle.dumps(layer)) < x.nbytes // 10
+    layer.backward(np.ones_like(x))  # the layer itself still has what its backward needs
+
+
+@pytest.mark.parametrize(
     "kwargs, exception, name",
     [
         (dict(num_features=0), ValueError, "num_features"),
@@ -140,6 +186,9 @@ def test_load_state_dict_rejects_wrong_keys_and_shapes():
         (dict(num_features=3, eps=-1.0), ValueError, "eps"),
         (dict(num_features=3, momentum=2.0), ValueError, "momentum"),
         (dict(num_features=3, dtype=np.int32), TypeError, "dtype"),
+        (dict(num_features=3, dtype=np.complex64), TypeError, "dtype"),
+        # float128 where longdouble is wider than float64 (x86-64 Linux); float64 elsewhere.
+        *([(dict(num_features=3, dtype=np.longdouble), TypeError, "dtype")] if np.dtype(np.longdouble).itemsize > 8 else []),
         (dict(num_features=3, axis="1"), TypeError, "axis"),
     ],
 )

@@ -73,22 +73,23 @@ def _number(value, name, low, high):
 
 def _per_feature(v, name, features):
     """``v`` as a C-contiguous float64 array of shape ``(features,)``."""
-    if type(v) is np.ndarray and v.dtype == np.float64 and v.shape == (features,) and v.flags.c_contiguous:
+    if type(v) is np.ndarray and v.dtype == np.float64 and v.shape == (features,) and v.flags.c_contiguous and v.flags.aligned:
         return v
     v = np.asarray(v)
     if v.dtype.kind not in "biuf":
         raise TypeError(f"{name} must hold real numbers, got dtype {v.dtype}")
     if v.shape != (features,):
         raise ValueError(f"{name} must have shape ({features},), got {v.shape}")
-    return np.ascontiguousarray(v, dtype=np.float64)
+    v = np.ascontiguousarray(v, dtype=np.float64)
+    return v if v.flags.aligned else v.copy()
 
 
 def _running(v, name, features):
     """Check that ``v`` is a running statistic that training can update in place."""
     if not isinstance(v, np.ndarray):
         raise TypeError(f"{name} must be a NumPy array (training updates it in place), got {type(v).__name__}")
-    if v.dtype.kind != "f":
-        raise TypeError(f"{name} must have a floating-point dtype, got {v.dtype}")
+    if v.dtype.kind != "f" or v.dtype.itemsize > 8:
+        raise TypeError(f"{name} must have dtype float16, float32 or float64, got {v.dtype}")
     if v.shape != (features,):
         raise ValueError(f"{name} must have shape ({features},), got {v.shape}")
     if not v.flags.writeable:
@@ -116,12 +117,21 @@ def _to_3d(a, axis, transposed, dtype):
     """The ``(outer, features, inner)`` C-contiguous array of ``a`` in ``dtype``; a view when possible."""
     if transposed:
         a, axis = a.T, a.ndim - 1 - axis
-    return np.ascontiguousarray(a, dtype=dtype).reshape(_shape3(a.shape, axis))
+    a = np.ascontiguousarray(a, dtype=dtype)
+    if not a.flags.aligned:  # as ``_view_3d``; a copy also spares a compilation for unaligned arrays
+        a = a.copy()
+    return a.reshape(_shape3(a.shape, axis))
 
 
 def _view_3d(a, axis, transposed, dtype):
-    """Like ``_to_3d`` for an output, but ``None`` where only a copy would do."""
-    if a.dtype != dtype:
+    """Like ``_to_3d`` for an output, but ``None`` where only a copy would do.
+
+    An array whose address is not a multiple of its itemsize (a buffer read at
+    an odd offset, ``np.frombuffer(..., offset=1)``) is not aligned for the
+    kernels: their vector stores need a 32-byte boundary, which whole values
+    from such an address never reach.
+    """
+    if a.dtype != dtype or not a.flags.aligned:
         return None
     if transposed:
         a, axis = a.T, a.ndim - 1 - axis
@@ -478,10 +488,12 @@ def batch_norm_forward(
 
 
 def _update_running(running_mean, running_var, mean, var, momentum, count):
-    if not all(v.dtype.isnative and v.dtype != np.float16 for v in (running_mean, running_var)):
-        # Numba has no float16 arithmetic, nor non-native byte orders.
-        running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
-        running_var[...] = (1.0 - momentum) * running_var + momentum * var * (count / (count - 1))
+    if not all(v.dtype.isnative and v.dtype != np.float16 and v.flags.aligned for v in (running_mean, running_var)):
+        # Numba has no float16 arithmetic, nor non-native byte orders; and an unaligned
+        # array would cost a compilation of its own.
+        # In float64 before the store, as the kernel.
+        running_mean[...] = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * mean
+        running_var[...] = (1.0 - momentum) * running_var.astype(np.float64) + momentum * var * (count / (count - 1))
     else:
         _kernels.update_running(running_mean, running_var, mean, var, momentum, count)
 

@@ -72,8 +72,8 @@ class BatchNorm:
         if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
             raise TypeError(f"axis must be an integer, got {axis!r}")
         dtype = np.dtype(dtype)
-        if dtype.kind != "f":
-            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+        if dtype.kind != "f" or dtype.itemsize > 8:
+            raise TypeError(f"dtype must be float16, float32 or float64, got {dtype}")
         self.num_features = int(num_features)
         self.axis = int(axis)
         self.eps = _number(eps, "eps", 0.0, np.inf)
@@ -99,6 +99,8 @@ class BatchNorm:
 
     def train(self, mode=True):
         """Set training mode (batch statistics) or, with ``mode=False``, inference mode. Returns self."""
+        if not isinstance(mode, (bool, np.bool_)):  # train("False") would otherwise mean True
+            raise TypeError(f"mode must be a bool, got {mode!r}")
         self.training = bool(mode)
         return self
 
@@ -111,8 +113,8 @@ class BatchNorm:
 
         In training the running statistics are updated and ``num_batches_tracked``
         grows by one. What the backward needs (a reference to ``x``, not a copy,
-        and the statistics) is kept until the next forward: do not modify ``x``
-        in place before calling :meth:`backward`.
+        and the statistics) is kept until the next forward, but not in pickles or
+        copies of the layer: do not modify ``x`` in place before calling :meth:`backward`.
         """
         training = self.training if training is None else bool(training)
         # As in PyTorch: without running statistics the batch statistics serve in both modes.
@@ -138,6 +140,10 @@ class BatchNorm:
         return y
 
     __call__ = forward
+
+    def __getstate__(self):
+        """Pickles and copies leave out what the last forward kept for the backward (its input)."""
+        return dict(self.__dict__, _saved=None)
 
     def backward(self, dy):
         """Gradient with respect to the last forward's input; fills ``dgamma`` and ``dbeta``."""
@@ -181,7 +187,8 @@ class BatchNorm:
 
         Every key the layer has must be present, the per-feature ones with shape
         ``(num_features,)``; missing or unknown keys raise ``KeyError``. Values
-        are copied in the layer's dtype.
+        are copied in the layer's dtype. Every value is checked and converted
+        before any is loaded: a state that raises leaves the layer as it was.
         """
         expected = set(self.state_dict())
         missing = expected - set(state)
@@ -189,15 +196,22 @@ class BatchNorm:
         if missing or unexpected:
             raise KeyError(f"state must have keys {sorted(expected)}; missing {sorted(missing)}, unexpected {sorted(unexpected)}")
         arrays = {}
-        for name in expected - {"num_batches_tracked"}:
+        for name in sorted(expected - {"num_batches_tracked"}):
             value = np.asarray(state[name])
             if value.shape != (self.num_features,):
                 raise ValueError(f"state[{name!r}] must have shape ({self.num_features},), got {value.shape}")
-            arrays[name] = value
+            if value.dtype.kind not in "biuf":
+                raise TypeError(f"state[{name!r}] must hold real numbers, got dtype {value.dtype}")
+            arrays[name] = value.astype(self.dtype)
+        if "num_batches_tracked" in state:
+            batches = np.asarray(state["num_batches_tracked"])
+            if batches.shape != () or batches.dtype.kind not in "iu":
+                raise TypeError(f"state['num_batches_tracked'] must be an integer, got {state['num_batches_tracked']!r}")
+            batches = int(batches)
         for name, value in arrays.items():
             getattr(self, _ATTRIBUTE[name])[...] = value
         if "num_batches_tracked" in state:
-            self.num_batches_tracked = int(np.asarray(state["num_batches_tracked"]))
+            self.num_batches_tracked = batches
 
 
 _ATTRIBUTE = {"weight": "gamma", "bias": "beta", "running_mean": "running_mean", "running_var": "running_var"}
