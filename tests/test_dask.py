@@ -88,15 +88,40 @@ def test_backward_matches_reference_and_in_memory(shape, axis, chunks, dtype, tr
         mean, invstd, gamma, axis=axis, training=training,
     )
     dx, dgamma, dbeta = compute(dx, dgamma, dbeta)
-    assert dx.dtype == dgamma.dtype == dbeta.dtype == x.dtype
+    in_memory = numbanorm.batch_norm_backward(dy, x, mean, invstd, gamma, axis=axis, training=training)
+    # dx in x's dtype; dgamma and dbeta too, but float32 for float16 (a sum over a batch overflows it).
+    assert [a.dtype for a in (dx, dgamma, dbeta)] == [a.dtype for a in in_memory]
+    assert dx.dtype == x.dtype
 
     expected = reference.backward(dy, x, mean, invstd, gamma, axis=axis, training=training)
     for actual, wanted in zip((dx, dgamma, dbeta), expected):
         assert_close(actual, wanted, dtype)
-    for actual, wanted in zip((dx, dgamma, dbeta), numbanorm.batch_norm_backward(
-        dy, x, mean, invstd, gamma, axis=axis, training=training
-    )):
+    for actual, wanted in zip((dx, dgamma, dbeta), in_memory):
         assert_close(actual, wanted, dtype)
+
+
+def test_float16_parameter_gradients_do_not_overflow():
+    x = data((70000, 2), np.float16)
+    lazy_x = da.from_array(x, chunks=(9000, 2))
+    _, mean, invstd = nd.batch_norm_forward(lazy_x)
+    dgamma, dbeta = compute(*nd.batch_norm_backward(da.ones_like(lazy_x), lazy_x, mean, invstd)[1:])
+    _, expected_dgamma, expected_dbeta = numbanorm.batch_norm_backward(np.ones_like(x), x, *compute(mean, invstd))
+    assert dgamma.dtype == dbeta.dtype == np.float32
+    np.testing.assert_array_equal(dbeta, 70000.0)
+    np.testing.assert_allclose(dgamma, expected_dgamma, atol=1e-5 * 70000)
+
+
+@pytest.mark.parametrize("x_dtype, dy_dtype", [(np.float16, np.bool_), (np.float32, np.int16), (np.int32, np.float32)])
+def test_mixed_dtypes_promote_as_in_memory(x_dtype, dy_dtype):
+    # Integers and bools count as float64, as numbanorm.batch_norm_backward takes them.
+    x = (data((12, 3), np.float64) > 0).astype(x_dtype) + np.arange(3).astype(x_dtype)
+    dy = (data((12, 3), np.float64, seed=1) > 0).astype(dy_dtype)
+    _, mean, invstd = numbanorm.batch_norm_forward(x)
+    lazy = compute(*nd.batch_norm_backward(da.from_array(dy, chunks=(5, 3)), da.from_array(x, chunks=(5, 3)), mean, invstd))
+    in_memory = numbanorm.batch_norm_backward(dy, x, mean, invstd)
+    assert [a.dtype for a in lazy] == [a.dtype for a in in_memory]
+    for actual, wanted in zip(lazy, in_memory):
+        assert_close(actual, wanted, np.float64)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -170,6 +195,48 @@ def test_unknown_chunk_sizes_are_handled():
     assert_close(y, expected_y, np.float64)
     for actual, wanted in zip((dx, dgamma, dbeta), reference.backward(kept, kept, expected_mean, expected_invstd)):
         assert_close(actual, wanted, np.float64)
+
+
+def test_unknown_chunk_sizes_with_too_few_values_raise_when_computed():
+    # Unknown sizes pass the check at graph construction; the computation makes it.
+    x = data((20, 3), np.float64)
+    lazy_x = da.from_array(x, chunks=(7, 3))
+    for keep in (np.arange(20) == 4, np.zeros(20, bool)):  # one row, no row
+        selected = lazy_x[da.from_array(keep, chunks=7)]
+        assert np.isnan(selected.shape[0])
+        y, mean, invstd = nd.batch_norm_forward(selected)
+        with pytest.raises(ValueError, match="x must have more than 1 value per feature"):
+            compute(y)
+        with pytest.raises(ValueError, match="x must have more than 1 value per feature"):
+            compute(invstd)
+
+
+def test_an_empty_batch_backward_gives_what_in_memory_does():
+    x = np.zeros((0, 3))
+    mean, invstd = np.zeros(3), np.ones(3)
+    for training in (True, False):
+        lazy = compute(*nd.batch_norm_backward(da.from_array(x), da.from_array(x), mean, invstd, training=training))
+        in_memory = numbanorm.batch_norm_backward(x, x, mean, invstd, training=training)
+        for actual, wanted in zip(lazy, in_memory):
+            assert actual.shape == wanted.shape and actual.dtype == wanted.dtype
+            np.testing.assert_array_equal(actual, wanted)
+
+
+def test_numpy_input_is_one_chunk():
+    # Not dask's automatic chunking, which cuts a large array with many features along the
+    # feature axis, an error for the caller who passed a plain NumPy array.
+    x = data((500, 64), np.float32)
+    with dask.config.set({"array.chunk-size": "16KiB"}):  # 128 KiB: auto chunks of 64x64 values
+        y, _, _ = nd.batch_norm_forward(x)
+    assert y.chunks == ((500,), (64,))
+    assert_close(compute(y)[0], numbanorm.batch_norm_forward(x)[0], np.float32)
+
+
+def test_a_shape_mismatch_from_unknown_sizes_says_so():
+    x = da.from_array(data((20, 3), np.float64), chunks=(7, 3))
+    unknown = x[da.from_array(np.arange(20) % 2 == 0, chunks=7)]
+    with pytest.raises(ValueError, match="compute_chunk_sizes"):
+        nd.batch_norm_backward(np.ones((10, 3)), unknown, np.zeros(3), np.ones(3))
 
 
 # --- laziness ----------------------------------------------------------------------------

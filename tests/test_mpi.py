@@ -135,8 +135,19 @@ FUNCTIONAL_SCRIPT = """
         numbanorm.mpi.batch_norm_forward(np.ones((1 - rank, 3)))
     except Exception as error:
         errors["count"] = [type(error).__name__, str(error)]
+    try:  # on rank 0 the running statistics share one buffer: its variance update would overwrite the mean
+        shared = np.zeros(6)
+        numbanorm.mpi.batch_norm_forward(np.ones((4, 3)), running_mean=shared[:3], running_var=shared[2:5] if rank == 0 else np.ones(3))
+    except Exception as error:
+        errors["shared"] = [type(error).__name__, str(error)]
     with open(f"{out}/errors-{rank}.json", "w") as f:
         json.dump(errors, f)
+
+    # float16: the global batch's sums (80000 values a feature, dy = 1) pass float16's largest value, 65504.
+    x16 = np.random.default_rng(rank).normal(size=(40000, 2)).astype(np.float16)
+    _, mean16, invstd16 = numbanorm.mpi.batch_norm_forward(x16)
+    _, dgamma16, dbeta16 = numbanorm.mpi.batch_norm_backward(np.ones_like(x16), x16, mean16, invstd16)
+    np.savez(f"{out}/float16-sums-{rank}.npz", x=x16, mean=mean16, invstd=invstd16, dgamma=dgamma16, dbeta=dbeta16)
 """
 
 
@@ -174,9 +185,11 @@ def test_forward_and_backward_match_the_whole_batch(results, name):
     expected_dx, expected_dgamma, expected_dbeta = reference.backward(dy, x, mean, invstd, gamma, axis=axis)
     dtype = np.dtype(case["dtype"])
 
+    sums_dtype = np.float32 if dtype == np.float16 else dtype  # as numbanorm.batch_norm_backward
     for rank, saved in enumerate(ranks):
         assert saved["y"].shape[0] == saved["dx"].shape[0] == case["rows"][rank]
-        assert saved["y"].dtype == saved["dx"].dtype == saved["dgamma"].dtype == dtype
+        assert saved["y"].dtype == saved["dx"].dtype == dtype
+        assert saved["dgamma"].dtype == saved["dbeta"].dtype == sums_dtype
     assert_close(np.concatenate([r["y"] for r in ranks]), expected_y, dtype)
     assert_close(np.concatenate([r["dx"] for r in ranks]), expected_dx, dtype)
     for key, expected in [("mean", mean), ("invstd", invstd)]:
@@ -231,6 +244,20 @@ def test_an_error_on_one_rank_raises_on_every_rank(results):
     for rank in range(RANKS):
         assert errors[rank]["features"][0] == "ValueError" and "same number of features" in errors[rank]["features"][1]
         assert errors[rank]["count"][0] == "ValueError" and "more than 1 value" in errors[rank]["count"][1]
+    assert errors[0]["shared"][0] == "ValueError" and "must not share memory" in errors[0]["shared"][1]
+    assert errors[1]["shared"][0] == "RuntimeError" and "rank 0" in errors[1]["shared"][1]
+
+
+def test_float16_parameter_gradients_over_the_global_batch_do_not_overflow(results):
+    ranks = load(results, "float16-sums")
+    x = np.concatenate([r["x"] for r in ranks])
+    ones = np.ones_like(x)
+    _, expected_dgamma, expected_dbeta = reference.backward(ones, x, ranks[0]["mean"], ranks[0]["invstd"])
+    for saved in ranks:
+        assert saved["dgamma"].dtype == saved["dbeta"].dtype == np.float32
+        np.testing.assert_array_equal(saved["dbeta"], 80000.0)
+        xhat = (x.astype(np.float64) - saved["mean"]) * saved["invstd"]
+        np.testing.assert_allclose(saved["dgamma"], expected_dgamma, atol=1e-5 * np.abs(xhat).sum(axis=0).max())
 
 
 TRAINER_SCRIPT = """

@@ -39,8 +39,14 @@ _SPLIT_EVERY = 16
 
 
 def _array(a, name):
-    """``a`` as a dask array of real numbers."""
-    a = a if isinstance(a, da.Array) else da.asarray(a)
+    """``a`` as a dask array of real numbers; anything else (a NumPy array) as one chunk.
+
+    One chunk, not dask's automatic chunking, which may cut a large array along
+    its feature axis: the kernels parallelize an in-memory array themselves.
+    """
+    if not isinstance(a, da.Array):
+        a = np.asarray(a)
+        a = da.from_array(a, chunks=-1)
     if a.dtype.kind not in "biuf" or a.dtype.itemsize > 8:
         raise TypeError(
             f"{name} must hold real numbers (float16, float32, float64, integer or bool), got dtype {a.dtype}"
@@ -49,9 +55,8 @@ def _array(a, name):
 
 
 def _result_dtype(*dtypes):
-    """The dtype the in-memory API returns for inputs of ``dtypes``: floats kept, the rest float64."""
-    dtype = np.result_type(*dtypes)
-    return dtype if dtype.kind == "f" else np.dtype(np.float64)
+    """The dtype the in-memory API returns for inputs of ``dtypes``: integers and bools count as float64."""
+    return np.result_type(*(dtype if dtype.kind == "f" else np.float64 for dtype in dtypes))
 
 
 def _checked_axis(axis, x):
@@ -63,6 +68,17 @@ def _checked_axis(axis, x):
             f"rechunk it with x.rechunk({{{axis}: -1}})"
         )
     return axis
+
+
+def _check_same_shape(dy, x):
+    if not _same_shape(dy.shape, x.shape):
+        unknown = any(math.isnan(size) for size in dy.shape + x.shape)
+        hint = (
+            "; an unknown size (nan) matches only an unknown one: call compute_chunk_sizes() on the array whose sizes are unknown"
+            if unknown
+            else ""
+        )
+        raise ValueError(f"dy must have the shape of x, {x.shape}, got {dy.shape}{hint}")
 
 
 def _same_shape(shape, other):
@@ -228,6 +244,13 @@ def batch_norm_stats(x, *, axis=1, split_every=None):
 # --- forward and backward --------------------------------------------------------------
 
 
+def _at_least_two_values(count):
+    """``count``, once checked: training needs more than 1 value per feature (what unknown chunk sizes hid)."""
+    if count.size and count[0] < 2:
+        raise ValueError(f"x must have more than 1 value per feature in training, got {count[0]:g}")
+    return count
+
+
 def _normalize_block(x, mean, var, gamma, beta, *, axis, eps, dtype):
     y, _, _ = api.batch_norm_forward(
         x, gamma, beta, axis=axis, eps=eps, training=False, running_mean=mean, running_var=var
@@ -317,13 +340,13 @@ def batch_norm_forward(
                 "pass neither in training, and update them from batch_norm_partial_stats(x)"
             )
         count = math.prod(x.shape[:axis] + x.shape[axis + 1 :])
-        if count < 2:  # a NaN count (unknown chunk sizes) passes: the kernels see the real data
+        if count < 2:  # a NaN count (unknown chunk sizes) passes here, and is checked when computed
             raise ValueError(
                 f"x must have more than 1 value per feature in training, got shape {x.shape} "
                 f"with feature axis {axis}"
             )
         count, mean, m2 = batch_norm_partial_stats(x, axis=axis, split_every=split_every)
-        var = m2 / count
+        var = m2 / count.map_blocks(_at_least_two_values, dtype=np.float64)
     else:
         if running_mean is None or running_var is None:
             raise ValueError("inference (training=False) needs running_mean and running_var")
@@ -347,6 +370,8 @@ def _sum_blocks(*parts):
 
 
 def _grad_input_block(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, *, axis, training, dtype):
+    if x.size == 0:  # every block is empty when the count is 0, which elemt refuses
+        return np.empty(x.shape, dtype)
     if training:
         dx = api.batch_norm_backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, count[0], axis=axis)
     else:
@@ -384,7 +409,9 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=1, training=Tru
     dx : dask.array.Array
         Shape and chunks of ``x``; dtype of ``x`` and ``dy`` promoted together.
     dgamma, dbeta : dask.array.Array, shape ``(x.shape[axis],)``
-        ``sum(dy * xhat)`` and ``sum(dy)``, in the dtype of ``dx``.
+        ``sum(dy * xhat)`` and ``sum(dy)``, in the dtype of ``dx`` (float32 for
+        float16, whose range a sum over a batch overflows), as
+        :func:`numbanorm.batch_norm_backward` returns them.
 
     Raises
     ------
@@ -408,8 +435,7 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=1, training=Tru
     x = _array(x, "x")
     dy = _array(dy, "dy")
     axis = _checked_axis(axis, x)
-    if not _same_shape(dy.shape, x.shape):
-        raise ValueError(f"dy must have the shape of x, {x.shape}, got {dy.shape}")
+    _check_same_shape(dy, x)
     features = x.shape[axis]
     mean = _vector(mean, "mean", features)
     invstd = _vector(invstd, "invstd", features)
@@ -423,4 +449,5 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=1, training=Tru
     sum_dy, sum_dy_xhat, count = sums[0], sums[1], sums[2]
     grad_input = partial(_grad_input_block, axis=axis, training=bool(training), dtype=dtype)
     dx = _blockwise(grad_input, [dy, x], [mean, invstd, gamma, sum_dy, sum_dy_xhat, count], axis, dtype)
-    return dx, sum_dy_xhat.astype(dtype), sum_dy.astype(dtype)
+    sums_dtype = api._compute_dtype(dtype)
+    return dx, sum_dy_xhat.astype(sums_dtype), sum_dy.astype(sums_dtype)

@@ -216,6 +216,8 @@ def batch_norm_forward(
         if running_mean is not None:
             api._running(running_mean, "running_mean", features)
             api._running(running_var, "running_var", features)
+            if np.may_share_memory(running_mean, running_var):
+                raise ValueError("running_mean and running_var must not share memory: both are updated in place")
         return stats
 
     parts = allgather_checked(local_stats, comm)
@@ -228,9 +230,8 @@ def batch_norm_forward(
     y, _, invstd = api.batch_norm_forward(
         x, gamma, beta, axis=axis, eps=eps, training=False, running_mean=mean, running_var=var
     )
-    if running_mean is not None:
-        running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
-        running_var[...] = (1.0 - momentum) * running_var + momentum * (m2 / (count - 1))
+    if running_mean is not None:  # as the in-memory forward updates them
+        api._update_running(running_mean, running_var, mean, var, float(momentum), total)
     return y, mean, invstd
 
 
@@ -257,7 +258,9 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, comm=None, axis=1, t
     dx : ndarray
         This rank's part of the gradient of the loss over the global batch.
     dgamma, dbeta : ndarray, shape ``(features,)``
-        Summed over the global batch, the same on every rank, in the dtype of ``dx``.
+        Summed over the global batch, the same on every rank, in the dtype of
+        ``dx`` (float32 for float16, whose range a sum over a batch overflows),
+        as :func:`numbanorm.batch_norm_backward` returns them.
 
     Raises
     ------
@@ -282,7 +285,8 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, comm=None, axis=1, t
         )
     else:
         dx, _, _ = api.batch_norm_backward(dy, x, mean, invstd, gamma, axis=axis, training=False)
-    return dx, sum_dy_xhat.astype(dx.dtype), sum_dy.astype(dx.dtype)
+    sums_dtype = api._compute_dtype(dx.dtype)
+    return dx, sum_dy_xhat.astype(sums_dtype), sum_dy.astype(sums_dtype)
 
 
 class SyncBatchNorm(BatchNorm):
