@@ -287,6 +287,12 @@ def test_load_state_dict_rejects_a_mismatch_and_changes_nothing():
         model.load_state_dict(changed)
     for name, value in model.state_dict().items():
         np.testing.assert_array_equal(value, state[name])
+    # Values of the right shape that fail in a later layer: the earlier layers are not left loaded.
+    for bad in ({"1.num_batches_tracked": np.float64(3.5)}, {"3.bias": np.array(["a", "b", "c"])}):
+        with pytest.raises((TypeError, ValueError)):
+            model.load_state_dict({**changed, "3.weight": np.zeros((3, 5)), **bad})
+        for name, value in model.state_dict().items():
+            np.testing.assert_array_equal(value, state[name], err_msg=f"{name} after {bad}")
 
 
 @pytest.mark.parametrize(
@@ -300,6 +306,7 @@ def test_load_state_dict_rejects_a_mismatch_and_changes_nothing():
         (dict(dropout=1.0), ValueError, "dropout must be less than 1"),
         (dict(dropout=-0.1), ValueError, "dropout must be in"),
         (dict(dtype=np.int32), TypeError, "dtype must be float32 or float64"),
+        (dict(batch_norm="False"), TypeError, "batch_norm must be a bool"),
     ],
 )
 def test_bad_model_arguments_are_named(kwargs, error, match):
@@ -500,10 +507,26 @@ def test_python_dash_m_runs(tmp_path):
         (["--compare", "--no-batch-norm"], "drop --no-batch-norm"),
         (["--compare", "--save", "m.npz"], "drop --compare"),
         (["--optimizer", "adam", "--momentum", "0.9"], "--momentum applies to --optimizer sgd only"),
+        # Output paths are checked before training, which a bad one would otherwise waste.
+        (["--plot", "/nonexistent/x.png"], "--plot: no directory '/nonexistent'"),
+        (["--save", "/nonexistent/m.npz"], "--save: no directory '/nonexistent'"),
+        (["--json", "."], "--json: '.' is a directory"),
+        (["--plot", "out.txt"], "--plot: matplotlib cannot write .txt files"),
     ],
 )
-def test_cli_rejects_bad_flags(argv, message, capsys):
+def test_cli_rejects_bad_flags(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr("numbanorm.mlp.train", lambda *a, **k: pytest.fail("trained before rejecting the flags"))
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_cli_says_when_training_diverges_and_writes_strict_json(tmp_path, capsys):
+    json_path = tmp_path / "run.json"
+    argv = ["--no-batch-norm", "--activation", "relu", "--lr", "50", "--epochs", "2", "--quiet", "--json", str(json_path)]
+    with np.errstate(all="ignore"):
+        assert main(argv) == 0
+    assert "training diverged" in capsys.readouterr().err
+    results = json.loads(json_path.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    assert None in results["train_loss"]

@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import numbers
+import os
 import sys
 import time
 
@@ -353,6 +354,8 @@ class MLP:
         dtype = np.dtype(dtype)
         if dtype.kind != "f" or dtype.itemsize < 4:
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        if not isinstance(batch_norm, (bool, np.bool_)):  # "False" would otherwise mean True
+            raise TypeError(f"batch_norm must be a bool, got {batch_norm!r}")
         seed = None if seed is None else _integer(seed, "seed", 0)
         self.config = dict(sizes=sizes, activation=activation, batch_norm=bool(batch_norm), seed=seed,
                            dtype=dtype.name, bn_position=bn_position, dropout=dropout)
@@ -447,8 +450,10 @@ class MLP:
         ------
         KeyError
             Keys missing or unexpected.
-        ValueError
-            A value of the wrong shape. Nothing is changed unless every value fits.
+        ValueError, TypeError
+            A value of the wrong shape, or one that does not convert (a string,
+            a fractional ``num_batches_tracked``). Nothing is changed unless every
+            value fits: a state that raises leaves the model as it was.
         """
         expected = self.state_dict()
         missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
@@ -460,6 +465,13 @@ class MLP:
         for name, value in arrays.items():
             if value.shape != expected[name].shape:
                 raise ValueError(f"state[{name!r}] must have shape {expected[name].shape}, got {value.shape}")
+        try:
+            self._load_layers(arrays)
+        except Exception:
+            self._load_layers(expected)  # the copies taken above: back to where the model was
+            raise
+
+    def _load_layers(self, arrays):
         for i, layer in enumerate(self.layers):
             prefix = f"{i}."
             layer.load_state_dict({name[len(prefix) :]: v for name, v in arrays.items() if name.startswith(prefix)})
@@ -520,8 +532,10 @@ def train(model, X, y, *, epochs, batch_size, lr, optimizer="sgd", momentum=0.0,
     history : dict
         ``train_loss`` (mean over each epoch), ``epoch_test_accuracy`` (empty
         without test data), ``test_accuracy`` (the last, or None), ``epoch_seconds``
-        and ``seconds``: wall time of the loop, which excludes loading the Numba
-        kernels (compiled on first use per dtype, or read from the on-disk cache).
+        (the wall time from the start of the loop to the end of each epoch, a
+        running total) and ``seconds`` (the whole loop's). Both include scoring
+        the test data after each epoch and exclude loading the Numba kernels
+        (compiled on first use per dtype, or read from the on-disk cache).
 
     Raises
     ------
@@ -720,8 +734,11 @@ def _parser():
     add("--compare", action="store_true",
         help="train with and without batch normalization from the same seed; plot and report both")
     add("--json", metavar="PATH",
-        help="write test_accuracy, epoch_test_accuracy, train_loss and seconds (training wall time) as JSON")
-    add("--plot", metavar="PATH", help="draw test accuracy and training loss per epoch (PNG)")
+        help="write test_accuracy, epoch_test_accuracy, train_loss, seconds (the training loop's wall time, "
+        "test scoring included) and epoch_seconds (its running total at each epoch's end) as JSON; "
+        "a loss that diverged is null")
+    add("--plot", metavar="PATH",
+        help="draw test accuracy and training loss per epoch (PNG, or the format the suffix names: .pdf, .svg, ...)")
     add("--save", metavar="PATH", help="save the trained model (.npz; MLP.load reads it)")
     add("--threads", type=positive_int, default=1, metavar="N",
         help="threads for Numba and NumPy's BLAS during training (default: 1: batches this small gain nothing "
@@ -744,6 +761,10 @@ def main(argv=None):
     if args.optimizer == "adam" and args.momentum:
         parser.error("--momentum applies to --optimizer sgd only")
     lr = args.lr if args.lr is not None else {"sgd": 0.1, "adam": 0.001}[args.optimizer]
+    for flag in ("json", "save", "plot"):
+        problem = _unwritable(getattr(args, flag), plot=flag == "plot")
+        if problem:
+            parser.error(f"--{flag}: {problem}")
     if args.threads > numba.config.NUMBA_NUM_THREADS:
         limit = numba.config.NUMBA_NUM_THREADS
         parser.error(f"--threads: must be at most {limit} (NUMBA_NUM_THREADS), got {args.threads}")
@@ -757,6 +778,40 @@ def main(argv=None):
     with _threads(args.threads):
         _run(args, lr)
     return 0
+
+
+def _unwritable(path, plot=False):
+    """Why ``path`` cannot take an output file (checked before training, which it would waste), or None."""
+    if path is None:
+        return None
+    if os.path.isdir(path):
+        return f"{path!r} is a directory"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"no directory {folder!r}"
+    if not os.access(folder, os.W_OK):
+        return f"cannot write in {folder!r}"
+    if plot:
+        try:
+            from matplotlib.figure import Figure
+        except ImportError:
+            return "plotting needs matplotlib: pip install 'numbanorm[mlp]'"
+        formats = Figure().canvas.get_supported_filetypes()
+        suffix = os.path.splitext(path)[1][1:].lower()
+        if suffix and suffix not in formats:
+            return f"matplotlib cannot write .{suffix} files; use one of {', '.join(sorted(formats))}"
+    return None
+
+
+def _finite_or_null(value):
+    """``value`` with every NaN or infinity replaced by None: strict JSON has no NaN."""
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 @contextlib.contextmanager
@@ -795,14 +850,19 @@ def _run(args, lr):
         if not args.quiet:
             accuracy, seconds = history["test_accuracy"], history["seconds"]
             print(f"{label}: test accuracy {accuracy:.4f} after {args.epochs} epochs, trained in {seconds:.2f} s")
+        diverged = [epoch for epoch, loss in enumerate(history["train_loss"], 1) if not math.isfinite(loss)]
+        if diverged:
+            print(f"{label}: training diverged (the loss is not finite from epoch {diverged[0]}): "
+                  f"try a lower --lr than {lr}", file=sys.stderr)
 
-    if args.save:
-        model.save(args.save)
-    if args.json:
+    if args.json:  # first: the smallest output, and the one a script reads
         config = {**vars(args), "lr": lr, "sizes": sizes}
         results = {label.replace(" ", "_"): history for label, history in histories.items()}
         with open(args.json, "w") as file:
-            json.dump({"config": config, **(results if args.compare else history)}, file, indent=2)
+            json.dump(_finite_or_null({"config": config, **(results if args.compare else history)}), file, indent=2,
+                      allow_nan=False)
+    if args.save:
+        model.save(args.save)
     if args.plot:
         hidden = "-".join(map(str, args.hidden))
         title = f"digits, {args.activation} MLP {hidden}, {args.optimizer} lr {lr}, batch {args.batch_size}"
