@@ -73,8 +73,9 @@ def _number(value, name, low, high):
 
 def _per_feature(v, name, features):
     """``v`` as a C-contiguous float64 array of shape ``(features,)``."""
-    if type(v) is np.ndarray and v.dtype == np.float64 and v.shape == (features,) and v.flags.c_contiguous and v.flags.aligned:
-        return v
+    if type(v) is np.ndarray and v.dtype == np.float64 and v.shape == (features,):
+        if v.flags.c_contiguous and v.flags.aligned:
+            return v
     v = np.asarray(v)
     if v.dtype.kind not in "biuf":
         raise TypeError(f"{name} must hold real numbers, got dtype {v.dtype}")
@@ -82,6 +83,14 @@ def _per_feature(v, name, features):
         raise ValueError(f"{name} must have shape ({features},), got {v.shape}")
     v = np.ascontiguousarray(v, dtype=np.float64)
     return v if v.flags.aligned else v.copy()
+
+
+def _running_pair(running_mean, running_var, features):
+    """Check that the running statistics are two arrays that training can update in place."""
+    _running(running_mean, "running_mean", features)
+    _running(running_var, "running_var", features)
+    if np.may_share_memory(running_mean, running_var):
+        raise ValueError("running_mean and running_var must not share memory: both are updated in place")
 
 
 def _running(v, name, features):
@@ -450,10 +459,7 @@ def batch_norm_forward(
         if (running_mean is None) != (running_var is None):
             raise ValueError("running_mean and running_var must be given together, or neither")
         if running_mean is not None:
-            _running(running_mean, "running_mean", features)
-            _running(running_var, "running_var", features)
-            if np.may_share_memory(running_mean, running_var):
-                raise ValueError("running_mean and running_var must not share memory: both are updated in place")
+            _running_pair(running_mean, running_var, features)
         outer, _, inner = _shape3(x.shape, axis)
         count = outer * inner
         if count < 2:
@@ -489,9 +495,8 @@ def batch_norm_forward(
 
 def _update_running(running_mean, running_var, mean, var, momentum, count):
     if not all(v.dtype.isnative and v.dtype != np.float16 and v.flags.aligned for v in (running_mean, running_var)):
-        # Numba has no float16 arithmetic, nor non-native byte orders; and an unaligned
-        # array would cost a compilation of its own.
-        # In float64 before the store, as the kernel.
+        # Numba has no float16 arithmetic, nor non-native byte orders, and an unaligned array
+        # would cost a compilation of its own. In float64 before the store, as the kernel.
         running_mean[...] = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * mean
         running_var[...] = (1.0 - momentum) * running_var.astype(np.float64) + momentum * var * (count / (count - 1))
     else:

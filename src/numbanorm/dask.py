@@ -45,8 +45,7 @@ def _array(a, name):
     its feature axis: the kernels parallelize an in-memory array themselves.
     """
     if not isinstance(a, da.Array):
-        a = np.asarray(a)
-        a = da.from_array(a, chunks=-1)
+        a = da.from_array(np.asarray(a), chunks=-1)
     if a.dtype.kind not in "biuf" or a.dtype.itemsize > 8:
         raise TypeError(
             f"{name} must hold real numbers (float16, float32, float64, integer or bool), got dtype {a.dtype}"

@@ -214,10 +214,7 @@ def batch_norm_forward(
             if value is not None:
                 api._per_feature(value, name, features)
         if running_mean is not None:
-            api._running(running_mean, "running_mean", features)
-            api._running(running_var, "running_var", features)
-            if np.may_share_memory(running_mean, running_var):
-                raise ValueError("running_mean and running_var must not share memory: both are updated in place")
+            api._running_pair(running_mean, running_var, features)
         return stats
 
     parts = allgather_checked(local_stats, comm)
