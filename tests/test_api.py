@@ -626,6 +626,51 @@ def test_nan_or_inf_stays_in_its_feature(bad, position, dtype, path, shape, axis
     assert_close(dbeta[clean], ref_dbeta, dtype, scale=feature_sums(dy_clean, axis))
 
 
+@st.composite
+def poisoned_cases(draw):
+    """``(x, x laid out, axis, feature)``: ``x`` with one NaN or inf, drawn anywhere in ``feature``."""
+    shape, axis = draw(shapes_and_axes())
+    dtype = draw(st.sampled_from(DTYPES))
+    x = draw(arrays(shape, dtype, -100.0, 100.0))
+    feature = draw(st.integers(0, shape[axis] - 1))
+    values = np.moveaxis(x, axis, 0)[feature]  # a view of the feature's values
+    values.flat[draw(st.integers(0, values.size - 1))] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+    return x, with_layout(x, draw(st.sampled_from(LAYOUTS))), axis, feature
+
+
+@property_settings
+@given(poisoned_cases(), paths, st.integers(0, 2**32 - 1))
+def test_a_nan_or_inf_anywhere_stays_in_its_feature(case, path, seed):
+    x, x_laid_out, axis, feature = case
+    dy = np.random.default_rng(seed).normal(size=x.shape).astype(x.dtype)
+    with kernel_path(path):
+        y, mean, invstd = numbanorm.batch_norm_forward(x_laid_out, axis=axis)
+        dx, dgamma, dbeta = numbanorm.batch_norm_backward(dy, x_laid_out, mean, invstd, axis=axis)
+    poisoned = [slice(None)] * x.ndim
+    poisoned[axis] = feature
+    poisoned = tuple(poisoned)
+    assert np.isnan(invstd[feature]) and np.isnan(dgamma[feature])
+    assert np.isnan(y[poisoned]).all() and np.isnan(dx[poisoned]).all()
+    # dbeta = sum(dy) does not involve x: the poisoned feature's is a number like the others.
+    assert_close(dbeta, dy.astype(np.float64).sum(axis=reference._reduced_axes(x, axis)), x.dtype, scale=feature_sums(dy, axis))
+    clean = np.delete(np.arange(x.shape[axis]), feature)
+    if clean.size == 0:
+        return
+    x_clean, dy_clean = np.delete(x, feature, axis=axis), np.delete(dy, feature, axis=axis)
+    ref_y, ref_mean, ref_invstd, _, _ = reference.forward(x_clean, axis=axis)
+    assert_close(np.delete(y, feature, axis=axis), ref_y, x.dtype)
+    ref_dx, ref_dgamma, _ = reference.backward(dy_clean, x_clean, mean[clean], invstd[clean], axis=axis)
+    assert_close(np.delete(dx, feature, axis=axis), ref_dx, x.dtype)
+    assert_close(dgamma[clean], ref_dgamma, x.dtype, scale=feature_sums(dy_clean, axis))
+
+
+def test_a_masked_array_with_nothing_masked_is_taken_as_its_data():
+    x = np.ma.masked_array(X, mask=np.zeros(X.shape, bool))
+    for got, want in zip(numbanorm.batch_norm_forward(x), numbanorm.batch_norm_forward(X)):
+        assert type(got) is np.ndarray
+        np.testing.assert_array_equal(got, want)
+
+
 def test_inference_backward_does_not_read_x():
     x = np.ones((4, 2))
     x[0, 0] = np.nan
@@ -808,6 +853,10 @@ BAD_CALLS = [
     ("backward out not an array", lambda x: numbanorm.batch_norm_backward(x, x, ZEROS, ONES, out=x.tolist()), TypeError, "out"),
     ("backward out read-only", lambda x: numbanorm.batch_norm_backward(x, x, ZEROS, ONES, out=_readonly(x.copy())), ValueError, "out"),
     ("elemt out dtype", lambda x: numbanorm.batch_norm_backward_elemt(x, x, ZEROS, ONES, None, ZEROS, ZEROS, 6, out=np.empty((6, 4))), TypeError, "out"),
+    # np.asarray keeps the values under a mask: the statistics would silently include them.
+    ("masked x", lambda x: numbanorm.batch_norm_forward(np.ma.masked_greater(x, 20)), TypeError, "x is a masked array"),
+    ("masked x in stats", lambda x: numbanorm.batch_norm_stats(np.ma.masked_equal(x, 3)), TypeError, "x is a masked array"),
+    ("masked dy", lambda x: numbanorm.batch_norm_backward(np.ma.masked_less(x, 1), x, ZEROS, ONES), TypeError, "dy is a masked array"),
 ]
 
 

@@ -296,6 +296,10 @@ def test_running_statistics_in_training_are_refused():
         (lambda x: nd.batch_norm_backward(x[:5], x, np.zeros(2), np.ones(2)), ValueError, "dy must have the shape"),
         (lambda x: nd.batch_norm_backward(x, x, np.zeros(3), np.ones(2)), ValueError, r"mean must have shape"),
         (lambda x: nd.batch_norm_backward(x, x, np.zeros(2), np.ones(3)), ValueError, r"invstd must have shape"),
+        # A NumPy masked array: its masked values would enter the statistics (as in memory).
+        (lambda x: nd.batch_norm_forward(np.ma.masked_equal(x.compute(), 1.0)), TypeError, "x is a masked array"),
+        (lambda x: nd.batch_norm_backward(np.ma.masked_equal(x.compute(), 1.0), x, np.zeros(2), np.ones(2)), TypeError,
+         "dy is a masked array"),
     ],
 )
 def test_bad_arguments_raise_naming_the_argument(call, error, message):

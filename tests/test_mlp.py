@@ -1,5 +1,6 @@
 """The trainer: gradients against finite differences, the PyTorch twin, and the command line."""
 
+import io
 import json
 import re
 import subprocess
@@ -18,6 +19,7 @@ from numbanorm.mlp import (
     batches,
     load_digits_split,
     main,
+    plot_histories,
     softmax_cross_entropy,
     to_torch,
     train,
@@ -485,6 +487,18 @@ def assert_png(path):
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
 
 
+def test_plot_is_written_at_the_path_given_in_the_format_its_suffix_names(tmp_path):
+    history = {"train_loss": [1.0, 0.5], "epoch_test_accuracy": [0.5, 0.8], "epoch_seconds": [0.1, 0.2]}
+    plot_histories({"run": history}, tmp_path / "noext")
+    assert_png(tmp_path / "noext")  # not noext.png
+    plot_histories({"run": history}, str(tmp_path / "run.SVG"))
+    assert b"<svg" in (tmp_path / "run.SVG").read_bytes()[:400]
+    buffer = io.BytesIO()
+    plot_histories({"run": history}, buffer)
+    assert buffer.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["noext", "run.SVG"]
+
+
 def test_python_dash_m_runs(tmp_path):
     json_path = tmp_path / "run.json"
     command = [sys.executable, "-m", "numbanorm.mlp", "--epochs", "1", "--hidden", "8", "--no-batch-norm", "--json", str(json_path)]
@@ -492,6 +506,8 @@ def test_python_dash_m_runs(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "without batch norm: test accuracy" in done.stdout
     assert len(json.loads(json_path.read_text())["train_loss"]) == 1
+    usage = subprocess.run([sys.executable, "-m", "numbanorm.mlp", "--help"], capture_output=True, text=True, timeout=300)
+    assert usage.returncode == 0 and usage.stdout.startswith("usage: python -m numbanorm.mlp ")
 
 
 @pytest.mark.parametrize(

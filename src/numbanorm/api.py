@@ -36,6 +36,7 @@ __all__ = [
 
 def _data(a, name):
     """``a`` as an ndarray of float16/32/64 (integers and bools become float64)."""
+    _refuse_masked(a, name)
     a = np.asarray(a)
     kind = a.dtype.kind
     if kind == "f" and a.dtype.itemsize <= 8:
@@ -45,6 +46,16 @@ def _data(a, name):
     raise TypeError(
         f"{name} must hold real numbers (float16, float32, float64, integer or bool), got dtype {a.dtype}"
     )
+
+
+def _refuse_masked(a, name):
+    """Refuse a masked array with masked values: ``np.asarray`` would keep the values under
+    the mask, and the statistics would include them."""
+    if type(a) is not np.ndarray and np.ma.is_masked(a):
+        raise TypeError(
+            f"{name} is a masked array with masked values, which the statistics would include: "
+            f"pass {name}.filled(value), or the unmasked values"
+        )
 
 
 def _feature_axis(axis, x):

@@ -45,6 +45,7 @@ def _array(a, name):
     its feature axis: the kernels parallelize an in-memory array themselves.
     """
     if not isinstance(a, da.Array):
+        api._refuse_masked(a, name)
         a = da.from_array(np.asarray(a), chunks=-1)
     if a.dtype.kind not in "biuf" or a.dtype.itemsize > 8:
         raise TypeError(

@@ -637,7 +637,9 @@ def plot_histories(histories, path, *, chance=None, title=None):
     ----------
     histories : dict of label -> history
         As :func:`train` returns.
-    path : str or path-like
+    path : str, path-like or binary file
+        Where the figure goes, in the format the suffix names (.png, .pdf,
+        .svg, ...): PNG without one, and for a file.
     chance : float, optional
         Accuracy of guessing, drawn as a dotted line.
     title : str, optional
@@ -662,7 +664,10 @@ def plot_histories(histories, path, *, chance=None, title=None):
         ax.legend()
     if title:
         fig.suptitle(title)
-    fig.savefig(path, dpi=100)
+    # The format the suffix names, PNG without one: without a format, matplotlib would write
+    # such a path with ".png" appended.
+    suffix = os.path.splitext(os.fspath(path))[1][1:] if isinstance(path, (str, os.PathLike)) else ""
+    fig.savefig(path, dpi=100, format=suffix.lower() or "png")
 
 
 def to_torch(model):
@@ -704,11 +709,11 @@ def _flag_type(convert, check, requirement):
     return parse
 
 
-def _parser():
+def _parser(prog="numbanorm-train"):
     positive_int = _flag_type(int, lambda v: v >= 1, "a positive integer")
     probability = _flag_type(float, lambda v: 0 <= v < 1, "in [0, 1)")
     parser = argparse.ArgumentParser(
-        prog="numbanorm-train",
+        prog=prog,
         description="Train a multilayer perceptron on scikit-learn's bundled digits (75/25 stratified split), "
         "with or without batch normalization. The defaults are the experiment that shows the effect of "
         "batch normalization: 3 hidden layers of 100 sigmoid units, SGD with lr 0.1, batches of 60, 30 epochs.",
@@ -750,9 +755,12 @@ def _parser():
     return parser
 
 
-def main(argv=None):
-    """The command line: ``python -m numbanorm.mlp --help``."""
-    parser = _parser()
+def main(argv=None, prog="numbanorm-train"):
+    """The command line: ``numbanorm-train --help``, or ``python -m numbanorm.mlp --help``.
+
+    ``prog`` is the command that usage and error messages name.
+    """
+    parser = _parser(prog)
     args = parser.parse_args(argv)
     if args.compare and args.no_batch_norm:
         parser.error("--compare trains both with and without batch norm; drop --no-batch-norm")
@@ -870,4 +878,4 @@ def _run(args, lr):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m numbanorm.mlp"))
