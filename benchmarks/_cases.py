@@ -356,23 +356,28 @@ numbanorm.batch_norm_backward(y, x, mean, invstd)
 """
 
 
-def first_call_setup(cache):
-    """Source that makes the data, with ``NUMBANORM_CACHE`` set (before numbanorm is imported)."""
+def first_call_setup(cache, preload=""):
+    """Source that makes the data, with ``NUMBANORM_CACHE`` set (before numbanorm is imported).
+
+    ``preload``: a module the process imports first (untimed), as a program that uses it would have.
+    """
     return f"""\
 import os
 os.environ["NUMBANORM_CACHE"] = "{int(bool(cache))}"
 import numpy as np
+{f"import {preload}" if preload else ""}
 x = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
 """
 
 
-def first_call_script(cache):
+def first_call_script(cache, preload=""):
     """A script for a fresh interpreter that prints the seconds ``import numbanorm`` and ``FIRST_CALLS`` took.
 
     ``cache`` False sets ``NUMBANORM_CACHE=0``: every kernel is compiled afresh.
+    ``preload``: as for ``first_call_setup``.
     """
     return (
-        first_call_setup(cache)
+        first_call_setup(cache, preload)
         + "import time\nstart = time.perf_counter()\nimport numbanorm\nimported = time.perf_counter()\n"
         + FIRST_CALLS
         + "print(imported - start, time.perf_counter() - imported)\n"
