@@ -857,6 +857,7 @@ BAD_CALLS = [
     ("masked x", lambda x: numbanorm.batch_norm_forward(np.ma.masked_greater(x, 20)), TypeError, "x is a masked array"),
     ("masked x in stats", lambda x: numbanorm.batch_norm_stats(np.ma.masked_equal(x, 3)), TypeError, "x is a masked array"),
     ("masked dy", lambda x: numbanorm.batch_norm_backward(np.ma.masked_less(x, 1), x, ZEROS, ONES), TypeError, "dy is a masked array"),
+    ("masked gamma", lambda x: numbanorm.batch_norm_forward(x, np.ma.masked_equal(ONES, 1.0)), TypeError, "gamma is a masked array"),
 ]
 
 

@@ -87,6 +87,7 @@ def _per_feature(v, name, features):
     if type(v) is np.ndarray and v.dtype == np.float64 and v.shape == (features,):
         if v.flags.c_contiguous and v.flags.aligned:
             return v
+    _refuse_masked(v, name)
     v = np.asarray(v)
     if v.dtype.kind not in "biuf":
         raise TypeError(f"{name} must hold real numbers, got dtype {v.dtype}")
