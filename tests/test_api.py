@@ -657,7 +657,7 @@ def test_a_nan_or_inf_anywhere_stays_in_its_feature(case, path, seed):
     if clean.size == 0:
         return
     x_clean, dy_clean = np.delete(x, feature, axis=axis), np.delete(dy, feature, axis=axis)
-    ref_y, ref_mean, ref_invstd, _, _ = reference.forward(x_clean, axis=axis)
+    ref_y = reference.forward(x_clean, axis=axis)[0]
     assert_close(np.delete(y, feature, axis=axis), ref_y, x.dtype)
     ref_dx, ref_dgamma, _ = reference.backward(dy_clean, x_clean, mean[clean], invstd[clean], axis=axis)
     assert_close(np.delete(dx, feature, axis=axis), ref_dx, x.dtype)
