@@ -129,6 +129,29 @@ def test_the_old_threshold_switch_is_not_ignored_in_silence():
     assert "NUMBANORM_PARALLEL_MIN_SIZE" in result.stderr and "NUMBANORM_PARALLEL_MIN_BYTES" in result.stderr
 
 
+def test_fastmath_off_compiles_without_fast_math_flags_and_off_the_disk_cache():
+    # Every kernel of the (N, C) element-wise pass, the explicit vectors included: the
+    # optimized module of ``normalize`` (which links its callees) has no fast-math flag.
+    out = run_python(
+        """
+        import numpy as np
+        from numbanorm import _config, _kernels
+        x3 = np.random.default_rng(0).normal(size=(16, 5, 1)).astype(np.float32)
+        hi, scale, shift = np.float32(0.5), np.float32(3.0), np.float32(-2.0)
+        params = np.empty((3, 5 + _kernels.PARAMS_PAD), np.float32)
+        params[_kernels.MEAN_HI], params[_kernels.SCALE], params[_kernels.SHIFT] = hi, scale, shift
+        y3 = np.empty_like(x3)
+        _kernels.normalize(x3, params, 1, False, y3)
+        ir = "".join(_kernels.normalize.inspect_llvm().values())
+        print(_config.CACHE, "fmul" in ir, any(flag in ir for flag in ("contract", "reassoc", "fast ")))
+        # Rounded after each operation, as NumPy rounds them (a fused multiply-add would not be).
+        np.testing.assert_array_equal(y3, (x3 - hi) * scale + shift)
+        """,
+        NUMBANORM_FASTMATH="0",
+    )
+    assert out.split() == ["False", "True", "False"]
+
+
 def test_import_compiles_nothing():
     out = run_python(
         """

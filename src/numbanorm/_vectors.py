@@ -27,8 +27,11 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ._config import FASTMATH
+
 VECTOR_BYTES = 32  # one AVX register; on narrower targets LLVM splits the store
-_FLAGS = ("contract",)  # as the scalar kernels: multiply and add may fuse
+# As the scalar kernels: multiply and add may fuse, unless NUMBANORM_FASTMATH=0.
+_FLAGS = ("contract",) if FASTMATH else ()
 
 
 @intrinsic
