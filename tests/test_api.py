@@ -787,6 +787,29 @@ def test_narrow_rows_read_as_super_rows_match(features, dtype, path):
     assert_close(dgamma, ref_dgamma, dtype, scale=np.abs(dy.astype(np.float64)).sum(axis=0).max())
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("features", [3, 64, 300])
+def test_large_narrow_rows_give_the_backward_sums_wider_super_rows(features, dtype, path):
+    # From GRAD_WIDE_MIN_VALUES values on, the backward's sums read rows of at most 512
+    # features GRAD_SUPER_FEATURES // features at a time (_kernels._grad_super_rows), with
+    # rows left over after the last super-row of each slab.
+    k = _kernels.GRAD_SUPER_FEATURES // features
+    rows = -(-_kernels.GRAD_WIDE_MIN_VALUES // features) + k + 1
+    assert _kernels._grad_super_rows(rows, features, 1) == k > _kernels._super_rows(features, 1)
+    rng = np.random.default_rng(features)
+    x = (rng.normal(0, 3, size=(rows, features)) + rng.uniform(-1e4, 1e4, features)).astype(dtype)
+    dy = rng.normal(size=(rows, features)).astype(dtype)
+    mean, var = reference.stats(x, 1)
+    invstd = 1.0 / np.sqrt(var + 1e-5)
+    with kernel_path(path):
+        dx, dgamma, dbeta = numbanorm.batch_norm_backward(dy, x, mean, invstd)
+    ref_dx, ref_dgamma, ref_dbeta = reference.backward(dy, x, mean, invstd)
+    assert_close(dx, ref_dx, dtype)
+    assert_close(dbeta, ref_dbeta, dtype, scale=np.abs(dy.astype(np.float64)).sum(axis=0).max())
+    assert_close(dgamma, ref_dgamma, dtype, scale=np.abs(dy.astype(np.float64)).sum(axis=0).max())
+
+
 def test_only_large_rows_are_streamed(monkeypatch):
     # NUMBANORM_STREAM_MIN_BYTES (default 10 MiB): (N, C) and channels-last outputs from
     # there on, but neither an output in place of an input nor a forward's new output above
