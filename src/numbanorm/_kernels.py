@@ -187,11 +187,14 @@ def _super_rows(features, inner):
 def _grad_super_rows(outer, features, inner):
     """``_super_rows`` for the backward's sums: ``GRAD_SUPER_FEATURES`` super-features on large arrays.
 
-    Their loop over a super-row has the statistics' set-up and no blocks to
-    hide it in: on the report's machine, super-rows four times as wide made the
-    backward of ``(N, 64)`` to ``(N, 256)`` arrays of 8-128 MB 3-8 % faster
-    (float32; float64 2-5 %). Below ``GRAD_WIDE_MIN_VALUES`` values the wider
-    accumulators' zeroing and folding cost what they save.
+    Each group of four super-rows pays a set-up (LLVM's checks that the sums
+    overlap no input), and wider super-rows pay it for more values: on the
+    report's machine, super-rows four times as wide made the backward of
+    ``(N, 64)`` to ``(N, 256)`` arrays of 8-128 MB 3-8 % faster in float32 and
+    2-5 % in float64. (The statistics gained nothing: their blocks cut a
+    super-row into tiles of ``FEATURE_TILE`` anyway.) Below
+    ``GRAD_WIDE_MIN_VALUES`` values the wider sums' zeroing and folding cost
+    what they save.
     """
     k = _super_rows(features, inner)
     if k > 1 and outer * features >= GRAD_WIDE_MIN_VALUES:
