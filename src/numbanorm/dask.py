@@ -71,6 +71,7 @@ def _checked_axis(axis, x):
 
 
 def _check_same_shape(dy, x):
+    """Refuse a ``dy`` whose shape is not ``x``'s, saying so when an unknown (NaN) size is why."""
     if not _same_shape(dy.shape, x.shape):
         unknown = any(math.isnan(size) for size in dy.shape + x.shape)
         hint = (

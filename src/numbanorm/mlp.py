@@ -666,8 +666,12 @@ def plot_histories(histories, path, *, chance=None, title=None):
         fig.suptitle(title)
     # The format the suffix names, PNG without one: without a format, matplotlib would write
     # such a path with ".png" appended.
-    suffix = os.path.splitext(os.fspath(path))[1][1:] if isinstance(path, (str, os.PathLike)) else ""
-    fig.savefig(path, dpi=100, format=suffix.lower() or "png")
+    fig.savefig(path, dpi=100, format=_suffix(path) or "png")
+
+
+def _suffix(path):
+    """The file format ``path``'s suffix names, lower case (``""``: none, or not a path)."""
+    return os.path.splitext(os.fspath(path))[1][1:].lower() if isinstance(path, (str, os.PathLike)) else ""
 
 
 def to_torch(model):
@@ -805,7 +809,7 @@ def _unwritable(path, plot=False):
         except ImportError:
             return "plotting needs matplotlib: pip install 'numbanorm[mlp]'"
         formats = Figure().canvas.get_supported_filetypes()
-        suffix = os.path.splitext(path)[1][1:].lower()
+        suffix = _suffix(path)
         if suffix and suffix not in formats:
             return f"matplotlib cannot write .{suffix} files; use one of {', '.join(sorted(formats))}"
     return None
