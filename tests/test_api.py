@@ -11,7 +11,7 @@ from numpy.exceptions import AxisError
 
 import numbanorm
 import numbanorm.api as api
-from numbanorm import _kernels
+from numbanorm import _kernels, _vectors
 import reference
 from strategies import DTYPES, LAYOUTS, TOLERANCE, arrays, shapes_and_axes, with_layout
 
@@ -808,6 +808,52 @@ def test_large_narrow_rows_give_the_backward_sums_wider_super_rows(features, dty
     assert_close(dx, ref_dx, dtype)
     assert_close(dbeta, ref_dbeta, dtype, scale=np.abs(dy.astype(np.float64)).sum(axis=0).max())
     assert_close(dgamma, ref_dgamma, dtype, scale=np.abs(dy.astype(np.float64)).sum(axis=0).max())
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_wide_rows_run_in_groups_and_match(dtype, path):
+    # (N, C) rows of at least WIDE_ROW_BYTES, a whole number of vectors long, run ROWS at a
+    # time through the forward's element-wise pass (_kernels._row_groups), in vectors from
+    # the first feature that is aligned in every row: each offset of the output from a
+    # vector boundary moves that feature. Rows one feature wider, and an output whose
+    # address is not a multiple of its itemsize, run as one flat range. The slabs of the
+    # parallel paths have rows left over after their last group. All give the reference,
+    # and the same values.
+    itemsize = np.dtype(dtype).itemsize
+    lanes = _vectors.VECTOR_BYTES // itemsize
+    rows = 4 * _vectors.ROWS + 3
+    rng = np.random.default_rng(itemsize)
+    for features in (_kernels.WIDE_ROW_BYTES // itemsize, _kernels.WIDE_ROW_BYTES // itemsize + 1):
+        x = (rng.normal(0, 3, size=(rows, features)) + rng.uniform(-1e4, 1e4, features)).astype(dtype)
+        gamma, beta = rng.uniform(0.5, 2, features), rng.normal(size=features)
+        running = dict(running_mean=rng.normal(size=features), running_var=rng.uniform(0.5, 2, features))
+        buffer = np.empty(x.size + lanes, dtype=dtype)
+        outs = []
+        for misalignment in range(lanes):  # the output's address, in values past a vector boundary
+            start = (misalignment * itemsize - buffer.ctypes.data) % _vectors.VECTOR_BYTES // itemsize
+            out = buffer[start : start + x.size].reshape(x.shape)
+            grouped = features * itemsize % _vectors.VECTOR_BYTES == 0
+            expected_groups = (rows // _vectors.ROWS * _vectors.ROWS, -misalignment % lanes) if grouped else (0, 0)
+            assert _kernels._row_groups(out.reshape(rows, features, 1), 0, rows) == expected_groups
+            outs.append(out)
+        for training in (True, False):
+            kwargs = dict(training=training) if training else dict(training=False, **running)
+            expected = reference.forward(x, gamma, beta, **kwargs)[0]
+            with kernel_path(path):
+                y = numbanorm.batch_norm_forward(x, gamma, beta, **kwargs)[0]
+                assert_close(y, expected, dtype)
+                for out in outs:
+                    out[...] = np.nan
+                    numbanorm.batch_norm_forward(x, gamma, beta, out=out, **kwargs)
+                    np.testing.assert_array_equal(out, y)
+                unaligned = with_layout(np.full_like(x, np.nan), "unaligned")
+                assert _kernels._row_groups(unaligned.reshape(rows, features, 1), 0, rows) == (0, 0)
+                numbanorm.batch_norm_forward(x, gamma, beta, out=unaligned, **kwargs)
+                np.testing.assert_array_equal(unaligned, y)
+                in_place = x.copy()
+                numbanorm.batch_norm_forward(in_place, gamma, beta, out=in_place, **kwargs)
+                np.testing.assert_array_equal(in_place, y)
 
 
 def test_only_large_rows_are_streamed(monkeypatch):

@@ -72,7 +72,7 @@ def _load(context, builder, array_type, array, index, vector_type):
     return builder.load(pointer, align=array_type.dtype.bitwidth // 8)
 
 
-def _vector_op(inputs, expression):
+def _vector_op(inputs, expression, rows=1):
     """The codegen of ``out[i : i + lanes] = expression(inputs..., per-feature rows...)``.
 
     Arguments: ``out, i, c, nontemporal``; then ``inputs`` flat arrays read at
@@ -80,25 +80,37 @@ def _vector_op(inputs, expression):
     before the store, so ``out`` may be one of the inputs. ``nontemporal``
     picks the store at run time (a branch per vector, which always goes the
     same way), so one compiled loop serves both stores.
+
+    With ``rows > 1``, a ``stride`` follows ``i``: the vectors at ``i``,
+    ``i + stride``, ... (``rows`` of them, the same features of consecutive
+    rows) share one load of the per-feature rows, and are all loaded before
+    any is stored.
     """
+    fixed = 4 if rows == 1 else 5
 
     def codegen(context, builder, signature, args):
         out_type = signature.args[0]
         vector_type = ir.VectorType(context.get_value_type(out_type.dtype), VECTOR_BYTES * 8 // out_type.dtype.bitwidth)
-        out, i, c, nontemporal = args[:4]
+        out, i, *rest = args[:fixed]
+        stride, c, nontemporal = rest if rows > 1 else [None, *rest]
+        starts = [i] + [builder.add(i, builder.mul(stride, ir.Constant(ir.IntType(64), r))) for r in range(1, rows)]
+        kinds, values = signature.args[fixed:], args[fixed:]
         operands = [
-            _load(context, builder, kind, value, i if n < inputs else c, vector_type)
-            for n, (kind, value) in enumerate(zip(signature.args[4:], args[4:]))
+            [_load(context, builder, kind, value, start, vector_type) for kind, value in zip(kinds[:inputs], values[:inputs])]
+            for start in starts
         ]
-        result = expression(builder, *operands)
+        per_feature = [_load(context, builder, kind, value, c, vector_type) for kind, value in zip(kinds[inputs:], values[inputs:])]
+        results = [expression(builder, *row, *per_feature) for row in operands]
         data = context.make_array(out_type)(context, builder, out).data
-        pointer = builder.bitcast(builder.gep(data, [i]), vector_type.as_pointer())
+        pointers = [builder.bitcast(builder.gep(data, [start]), vector_type.as_pointer()) for start in starts]
         with builder.if_else(nontemporal) as (streamed, plain):
             with streamed:
-                store = builder.store(result, pointer, align=VECTOR_BYTES)
-                store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+                for pointer, result in zip(pointers, results):
+                    store = builder.store(result, pointer, align=VECTOR_BYTES)
+                    store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
             with plain:
-                builder.store(result, pointer, align=VECTOR_BYTES)
+                for pointer, result in zip(pointers, results):
+                    builder.store(result, pointer, align=VECTOR_BYTES)
         return context.get_dummy_value()
 
     return codegen
@@ -134,6 +146,19 @@ def vector_grad_input(typingctx, dx, i, c, nontemporal, dy, x, hi, invstd, dy_sc
     for ``vector_normalize``.
     """
     return types.void(dx, i, c, nontemporal, dy, x, hi, invstd, dy_scale, xhat_scale, offset), _vector_op(2, _input_gradient)
+
+
+# Rows a ``*_rows`` intrinsic computes per load of the per-feature rows.
+ROWS = 4
+
+
+@intrinsic
+def vector_normalize_rows(typingctx, y, i, stride, c, nontemporal, x, hi, scale, shift):
+    """``vector_normalize`` on ``ROWS`` rows: at ``i``, ``i + stride``, ...; every ``y`` address 32-byte aligned.
+
+    The per-feature rows are loaded once for the ``ROWS`` vectors (``_kernels._row_groups``).
+    """
+    return types.void(y, i, stride, c, nontemporal, x, hi, scale, shift), _vector_op(1, _normalized, ROWS)
 
 
 def _scaled(b, dy, dy_scale):
