@@ -857,7 +857,7 @@ def test_wide_rows_run_in_groups_and_match(dtype, path):
 
 
 def test_only_large_rows_are_streamed(monkeypatch):
-    # NUMBANORM_STREAM_MIN_BYTES (default 10 MiB): (N, C) and channels-last outputs from
+    # NUMBANORM_STREAM_MIN_BYTES (set to 10 MiB here): (N, C) and channels-last outputs from
     # there on, but neither an output in place of an input nor a forward's new output above
     # 32 MiB (api._stream says why).
     mib = 2**20

@@ -17,17 +17,17 @@
     ``NUMBANORM_PARALLEL_MIN_SIZE``, its former name (a count of values), is not
     read; setting it gives a ``FutureWarning``.
 ``NUMBANORM_STREAM_MIN_BYTES``
-    Outputs of at least this many bytes (default 10485760, 10 MiB) whose
+    Outputs of at least this many bytes (default 33554432, 32 MiB) whose
     feature axis is the last one, or ``(N, C)``'s, are written with
     non-temporal stores, which bypass the cache: so large an output would not
     be read back from cache anyway, and a plain store reads every line before
     writing it. (Not an output in place of an input, nor a forward's new output
-    above 32 MiB: ``api._stream``.)
-    On the 2-core machine (32 MB of L3) the benchmarks ran on, the backward
-    of 10-134 MB arrays got up to 47 % faster (most by 5-20 %, none slower),
-    the forward and inference of 10-32 MB ones up to 27 %. On another day it
-    paid nowhere (0.92-1.07x on 64-128 MB; 0.85-0.90x for the inference of
-    8-16 MB outputs, which fit in L3 with their input): README, "Streaming stores".
+    above 32 MiB: ``api._stream``.) On the 2-core machine (32 MB of L3) the
+    benchmarks ran on, streaming from 10 MiB made the backward of 10-134 MB
+    arrays up to 47 % faster on the first day it was measured, and the forward
+    of 10-32 MB ones up to 27 %; on the three days after, outputs of 10-32 MB
+    were as fast or faster with plain stores (up to 15 %), and the default
+    moved from 10 MiB to 32 MiB: README, "Streaming stores".
 
 Threads: the kernels use ``numba.get_num_threads()``, so ``NUMBA_NUM_THREADS``
 and ``numba.set_num_threads`` apply as for any Numba code.
@@ -66,7 +66,7 @@ def _count(name, default):
 
 
 PARALLEL_MIN_BYTES = _count("NUMBANORM_PARALLEL_MIN_BYTES", "393216")
-STREAM_MIN_BYTES = _count("NUMBANORM_STREAM_MIN_BYTES", "10485760")
+STREAM_MIN_BYTES = _count("NUMBANORM_STREAM_MIN_BYTES", "33554432")
 if "NUMBANORM_PARALLEL_MIN_SIZE" in os.environ:
     # The threshold was a count of values before 0.1.0 settled on bytes; a count means
     # nothing without the dtype, so the old setting is not translated, but it is not
