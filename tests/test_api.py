@@ -758,6 +758,19 @@ def test_kernels_split_small_batches_by_features_and_runs(shape, dtype, chunks):
         assert_close(serial, expected[name], dtype)
 
 
+def assert_rows_backward_close(dx, dgamma, dbeta, dy, x, mean, invstd):
+    """The backward of ``(N, C)`` data against the float64 reference, in ``x``'s tolerance.
+
+    The parameter gradients come back in x's dtype, rounded from float64 sums:
+    their scale is the largest feature's sum of ``|dy|``.
+    """
+    ref_dx, ref_dgamma, ref_dbeta = reference.backward(dy, x, mean, invstd)
+    assert_close(dx, ref_dx, x.dtype)
+    sums = np.abs(dy.astype(np.float64)).sum(axis=0).max()
+    assert_close(dbeta, ref_dbeta, x.dtype, scale=sums)
+    assert_close(dgamma, ref_dgamma, x.dtype, scale=sums)
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("features", [1, 5, 64, 300, 512])
@@ -780,11 +793,7 @@ def test_narrow_rows_read_as_super_rows_match(features, dtype, path):
     np.testing.assert_allclose(mean, ref_mean, rtol=1e-12)
     np.testing.assert_allclose(var, ref_var, rtol=1e-9)
     assert_close(y, reference.forward(x)[0], dtype)
-    ref_dx, ref_dgamma, ref_dbeta = reference.backward(dy, x, mean, invstd)
-    assert_close(dx, ref_dx, dtype)
-    # The parameter gradients come back in x's dtype, rounded from float64 sums.
-    assert_close(dbeta, ref_dbeta, dtype, scale=np.abs(dy.astype(np.float64)).sum(axis=0).max())
-    assert_close(dgamma, ref_dgamma, dtype, scale=np.abs(dy.astype(np.float64)).sum(axis=0).max())
+    assert_rows_backward_close(dx, dgamma, dbeta, dy, x, mean, invstd)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -804,10 +813,7 @@ def test_large_narrow_rows_give_the_backward_sums_wider_super_rows(features, dty
     invstd = 1.0 / np.sqrt(var + 1e-5)
     with kernel_path(path):
         dx, dgamma, dbeta = numbanorm.batch_norm_backward(dy, x, mean, invstd)
-    ref_dx, ref_dgamma, ref_dbeta = reference.backward(dy, x, mean, invstd)
-    assert_close(dx, ref_dx, dtype)
-    assert_close(dbeta, ref_dbeta, dtype, scale=np.abs(dy.astype(np.float64)).sum(axis=0).max())
-    assert_close(dgamma, ref_dgamma, dtype, scale=np.abs(dy.astype(np.float64)).sum(axis=0).max())
+    assert_rows_backward_close(dx, dgamma, dbeta, dy, x, mean, invstd)
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -1,9 +1,9 @@
 """Explicit vector operations for the element-wise passes over ``(N, C)`` rows.
 
-Each intrinsic computes one 32-byte vector of the output from vectors of the
-inputs and of the per-feature rows, then stores it, at an address that must be
-32-byte aligned (the kernels peel scalar values until it is). Numba cannot
-express either part:
+Each intrinsic computes one 32-byte vector of the output (a ``*_rows`` one, one
+vector in each of ``ROWS`` rows) from vectors of the inputs and of the
+per-feature rows, then stores it, at an address that must be 32-byte aligned
+(the kernels peel scalar values until it is). Numba cannot express either part:
 
 - The store may be non-temporal (``!nontemporal`` metadata). A plain store
   to a line that is not in cache first reads the line (the read-for-ownership),
