@@ -421,7 +421,7 @@ def _row_groups(out, start, stop):
     row. On the report's machine (A/B in one process, through the API, two
     runs) the inference of 512x8192, 2048x4096 and 128x32768 arrays took
     0.79-0.97 of its time as one flat range, their training forward 0.91-0.99.
-    Groups of 8 rows were 7-14 % slower than groups of 4, groups of 2 the same;
+    Groups of 8 rows were 4-14 % slower than groups of 4, groups of 2 the same;
     grouping rows of 4 KB gained nothing, nor did giving the backward's pass
     groups (tried in an earlier session).
     """
