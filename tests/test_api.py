@@ -835,11 +835,11 @@ def test_wide_rows_run_in_groups_and_match(dtype, path):
         gamma, beta = rng.uniform(0.5, 2, features), rng.normal(size=features)
         running = dict(running_mean=rng.normal(size=features), running_var=rng.uniform(0.5, 2, features))
         buffer = np.empty(x.size + lanes, dtype=dtype)
+        grouped = features * itemsize % _vectors.VECTOR_BYTES == 0
         outs = []
         for misalignment in range(lanes):  # the output's address, in values past a vector boundary
             start = (misalignment * itemsize - buffer.ctypes.data) % _vectors.VECTOR_BYTES // itemsize
             out = buffer[start : start + x.size].reshape(x.shape)
-            grouped = features * itemsize % _vectors.VECTOR_BYTES == 0
             expected_groups = (rows // _vectors.ROWS * _vectors.ROWS, -misalignment % lanes) if grouped else (0, 0)
             assert _kernels._row_groups(out.reshape(rows, features, 1), 0, rows) == expected_groups
             outs.append(out)
