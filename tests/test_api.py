@@ -671,6 +671,101 @@ def test_a_masked_array_with_nothing_masked_is_taken_as_its_data():
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.fixture
+def plain_kernels(monkeypatch):
+    """The kernels that write into caller's arrays, made to fail on an ndarray subclass.
+
+    Numba compiles for no subclass, but once a function is compiled for plain arrays
+    its dispatcher takes a subclass with the same dtype and shape as one: without this,
+    whether a subclass reached a kernel would depend on what the process ran before.
+    """
+
+    def plain_only(kernel):
+        def checked(*args):
+            subclassed = [type(a).__name__ for a in args if isinstance(a, np.ndarray) and type(a) is not np.ndarray]
+            assert not subclassed, f"{kernel.__name__} was given {subclassed}"
+            return kernel(*args)
+
+        return checked
+
+    for name in ("forward_train", "normalize", "grad_input", "backward", "update_running"):
+        monkeypatch.setattr(_kernels, name, plain_only(getattr(_kernels, name)))
+
+
+def _subclass(kind, a, tmp_path):
+    """A new array of ``kind`` holding ``a``'s values."""
+    if kind == "memmap":
+        m = np.memmap(tmp_path / f"{kind}-{len(list(tmp_path.iterdir()))}", dtype=a.dtype, mode="w+", shape=a.shape)
+        m[...] = a
+        return m
+    if kind == "matrix":
+        return np.asmatrix(a.copy())
+    return np.ma.masked_array(a.copy(), mask=np.zeros(a.shape, bool))
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+@pytest.mark.parametrize("kind", ["memmap", "matrix", "masked, nothing masked"])
+def test_out_may_be_an_ndarray_subclass(kind, tmp_path, plain_kernels):
+    rng = np.random.default_rng(13)
+    x = rng.normal(size=(40, 5)).astype(np.float32)
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    running_mean, running_var = rng.normal(size=5), rng.uniform(1, 2, 5)
+    want_y, mean, invstd = numbanorm.batch_norm_forward(x)
+    want_infer, _, _ = numbanorm.batch_norm_forward(x, training=False, running_mean=running_mean, running_var=running_var)
+    want_dx, _, _ = numbanorm.batch_norm_backward(dy, x, mean, invstd)
+    sums = numbanorm.batch_norm_backward_reduce(dy, x, mean, invstd)
+    calls = [
+        (want_y, lambda out: numbanorm.batch_norm_forward(x, out=out)[0]),
+        (want_infer, lambda out: numbanorm.batch_norm_forward(x, training=False, running_mean=running_mean, running_var=running_var, out=out)[0]),
+        (want_dx, lambda out: numbanorm.batch_norm_backward(dy, x, mean, invstd, out=out)[0]),
+        (want_dx, lambda out: numbanorm.batch_norm_backward_elemt(dy, x, mean, invstd, None, *sums, 40, out=out)),
+    ]
+    for want, call in calls:
+        out = _subclass(kind, np.full_like(x, np.nan), tmp_path)
+        kind_before = type(out)
+        assert call(out) is out
+        assert type(out) is kind_before and not np.ma.is_masked(out)
+        np.testing.assert_array_equal(np.asarray(out), want)
+
+
+@pytest.mark.parametrize("kind", ["memmap", "masked, nothing masked"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_running_statistics_may_be_an_ndarray_subclass(kind, dtype, tmp_path, plain_kernels):
+    rng = np.random.default_rng(14)
+    x = rng.normal(size=(40, 5))
+    start_mean, start_var = rng.normal(size=5).astype(dtype), rng.uniform(1, 2, 5).astype(dtype)
+    want_mean, want_var = start_mean.copy(), start_var.copy()
+    numbanorm.batch_norm_forward(x, running_mean=want_mean, running_var=want_var)
+    running_mean, running_var = _subclass(kind, start_mean, tmp_path), _subclass(kind, start_var, tmp_path)
+    numbanorm.batch_norm_forward(x, running_mean=running_mean, running_var=running_var)
+    np.testing.assert_array_equal(np.asarray(running_mean), want_mean)
+    np.testing.assert_array_equal(np.asarray(running_var), want_var)
+    assert not np.array_equal(want_mean, start_mean)
+
+
+def test_masked_targets_are_refused_before_anything_is_written():
+    # Values written under a mask would stay hidden by it; nothing the call would write is
+    # touched (x in BAD_CALLS).
+    mask = np.zeros(X.shape, bool)
+    mask[2, 1] = True
+    out = np.ma.masked_array(np.zeros_like(X), mask=mask)
+    running_mean = np.ma.masked_array(np.zeros(4), mask=[False, True, False, False])
+    running_var = np.ones(4)
+    sums = numbanorm.batch_norm_backward_reduce(X, X, ZEROS, ONES)
+    with pytest.raises(TypeError, match=r"\bout is a masked array with masked values"):
+        numbanorm.batch_norm_forward(X, running_mean=np.zeros(4), running_var=running_var, out=out)
+    with pytest.raises(TypeError, match=r"\brunning_mean is a masked array with masked values"):
+        numbanorm.batch_norm_forward(X, running_mean=running_mean, running_var=running_var, out=np.zeros_like(X))
+    with pytest.raises(TypeError, match=r"\bout is a masked array with masked values"):
+        numbanorm.batch_norm_backward(X, X, ZEROS, ONES, out=out)
+    with pytest.raises(TypeError, match=r"\bout is a masked array with masked values"):
+        numbanorm.batch_norm_backward_elemt(X, X, ZEROS, ONES, None, *sums, 6, out=out)
+    np.testing.assert_array_equal(out.data, 0.0)
+    np.testing.assert_array_equal(out.mask, mask)
+    np.testing.assert_array_equal(running_mean.data, 0.0)
+    np.testing.assert_array_equal(running_var, 1.0)
+
+
 def test_inference_backward_does_not_read_x():
     x = np.ones((4, 2))
     x[0, 0] = np.nan

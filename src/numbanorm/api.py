@@ -58,6 +58,16 @@ def _refuse_masked(a, name):
         )
 
 
+def _refuse_masked_target(a, name):
+    """Refuse a masked array with masked values as an array written in place: the values
+    written under the mask would stay hidden by it."""
+    if type(a) is not np.ndarray and np.ma.is_masked(a):
+        raise TypeError(
+            f"{name} is a masked array with masked values, which would hide what is written "
+            f"under them: pass {name}.data, or unmask it first ({name}.mask = False)"
+        )
+
+
 def _feature_axis(axis, x):
     """``axis`` as a non-negative index into ``x.shape``; ``x`` has at least 2 dimensions."""
     if x.ndim < 2:
@@ -115,6 +125,7 @@ def _running(v, name, features):
         raise ValueError(f"{name} must have shape ({features},), got {v.shape}")
     if not v.flags.writeable:
         raise ValueError(f"{name} is read-only, but training updates it in place")
+    _refuse_masked_target(v, name)
 
 
 def _compute_dtype(dtype):
@@ -183,7 +194,10 @@ def _output(out, x, sources, axis, transposed, dtype):
         raise TypeError(f"out must have dtype {dtype}, got {out.dtype}")
     if not out.flags.writeable:
         raise ValueError("out is read-only")
-    out3 = _view_3d(out, axis, transposed, compute)
+    _refuse_masked_target(out, "out")
+    # The kernels write through a plain ndarray view: Numba compiles for no subclass
+    # (np.memmap, np.matrix, a masked array with nothing masked), and ``out`` is returned as given.
+    out3 = _view_3d(np.asarray(out), axis, transposed, compute)
     # The kernels are element-wise where they write: writing through the view is safe when it
     # shares nothing with a source or is that source itself (all are C-contiguous with one
     # shape, so the same start means the same elements).
@@ -430,6 +444,7 @@ def batch_norm_forward(
         Weight of the new batch in the running averages, in [0, 1].
     out : ndarray, optional
         Receives the result; same shape and dtype as the result. May be ``x``.
+        A subclass (``np.memmap``, say) is written through and returned as given.
 
     Returns
     -------
@@ -443,7 +458,9 @@ def batch_norm_forward(
     Raises
     ------
     TypeError
-        Non-real data; a non-array ``out`` or running statistic; wrong ``out`` dtype.
+        Non-real data; a non-array ``out`` or running statistic; wrong ``out`` dtype;
+        a masked array with masked values as ``x``, ``gamma``, ``beta``, ``out``
+        or a running statistic.
     ValueError
         Wrong shapes; fewer than 2 dimensions; ``eps < 0``; ``momentum``
         outside [0, 1]; fewer than 2 values per feature in training; inference
@@ -511,8 +528,8 @@ def _update_running(running_mean, running_var, mean, var, momentum, count):
         # would cost a compilation of its own. In float64 before the store, as the kernel.
         running_mean[...] = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * mean
         running_var[...] = (1.0 - momentum) * running_var.astype(np.float64) + momentum * var * (count / (count - 1))
-    else:
-        _kernels.update_running(running_mean, running_var, mean, var, momentum, count)
+    else:  # plain ndarray views, as for ``out`` (``_output``)
+        _kernels.update_running(np.asarray(running_mean), np.asarray(running_var), mean, var, momentum, count)
 
 
 def _gradient_inputs(dy, x, axis):
@@ -550,7 +567,8 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=1, training=Tru
         False treats them as constants: ``dx = dy * gamma * invstd``.
     out : ndarray, optional
         Receives ``dx``; same shape and dtype as ``dx``. May be ``dy`` (or
-        ``x``) itself, for an in-place backward.
+        ``x``) itself, for an in-place backward. A subclass is written through
+        and returned as given.
 
     Returns
     -------
@@ -565,7 +583,8 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=1, training=Tru
     Raises
     ------
     TypeError
-        Non-real data; a non-array ``out``; wrong ``out`` dtype.
+        Non-real data; a non-array ``out``; wrong ``out`` dtype; a masked array
+        with masked values as an input or ``out``.
     ValueError
         Wrong shapes; fewer than 2 dimensions; a read-only ``out``.
     numpy.exceptions.AxisError
