@@ -200,13 +200,25 @@ def test_bad_constructor_arguments(kwargs, exception, name):
 def test_a_failed_forward_changes_nothing():
     layer = numbanorm.BatchNorm(4, momentum=None)
     state = layer.state_dict()
-    with pytest.raises(ValueError, match="gamma"):
+    with pytest.raises(ValueError, match=r"x must have num_features=4 features on axis 1, got shape \(\d+, 5\)"):
         layer.forward(batch(0))  # 5 features
     with pytest.raises(ValueError, match="x"):
         layer.forward(np.ones((1, 4)))  # one value per feature
     assert layer.num_batches_tracked == 0
     for key, value in layer.state_dict().items():
         np.testing.assert_array_equal(value, state[key])
+
+
+@pytest.mark.parametrize("affine, track_running_stats", [(True, True), (False, True), (False, False)])
+def test_a_batch_with_other_features_is_refused_naming_x(affine, track_running_stats):
+    # Without gamma or running statistics, nothing else has the layer's feature count to
+    # check against: such a layer would normalize any width.
+    layer = numbanorm.BatchNorm(3, axis=-1, affine=affine, track_running_stats=track_running_stats)
+    with pytest.raises(ValueError, match=r"x must have num_features=3 features on axis -1, got shape \(2, 4, 5\)"):
+        layer.forward(np.ones((2, 4, 5), np.float32))
+    with pytest.raises(ValueError, match="num_features=3"):
+        layer.forward([[1.0, 2.0], [3.0, 4.0]])
+    assert layer.forward(np.ones((2, 4, 3), np.float32)).shape == (2, 4, 3)
 
 
 def test_matches_torch_batchnorm():

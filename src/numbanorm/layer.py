@@ -115,7 +115,14 @@ class BatchNorm:
         grows by one. What the backward needs (a reference to ``x``, not a copy,
         and the statistics) is kept until the next forward, but not in pickles or
         copies of the layer: do not modify ``x`` in place before calling :meth:`backward`.
+        ``x.shape[axis]`` must be ``num_features`` (``ValueError``).
         """
+        shape = np.shape(x)
+        if len(shape) >= 2 and -len(shape) <= self.axis < len(shape) and shape[self.axis] != self.num_features:
+            # Else gamma's or running_mean's shape check would name an argument the caller never passed.
+            raise ValueError(
+                f"x must have num_features={self.num_features} features on axis {self.axis}, got shape {shape}"
+            )
         training = self.training if training is None else bool(training)
         # As in PyTorch: without running statistics the batch statistics serve in both modes.
         use_batch_stats = training or self.running_mean is None
