@@ -48,23 +48,19 @@ def _data(a, name):
     )
 
 
-def _refuse_masked(a, name):
-    """Refuse a masked array with masked values: ``np.asarray`` would keep the values under
-    the mask, and the statistics would include them."""
+def _refuse_masked(a, name, written=False):
+    """Refuse a masked array with masked values: ``np.asarray`` keeps the values under the
+    mask. Read, they would enter the statistics; ``written`` (``out``, a running statistic),
+    the mask would hide what the call writes under it."""
     if type(a) is not np.ndarray and np.ma.is_masked(a):
+        if written:
+            raise TypeError(
+                f"{name} is a masked array with masked values, which would hide what is written "
+                f"under them: pass {name}.data, or unmask it first ({name}.mask = False)"
+            )
         raise TypeError(
             f"{name} is a masked array with masked values, which the statistics would include: "
             f"pass {name}.filled(value), or the unmasked values"
-        )
-
-
-def _refuse_masked_target(a, name):
-    """Refuse a masked array with masked values as an array written in place: the values
-    written under the mask would stay hidden by it."""
-    if type(a) is not np.ndarray and np.ma.is_masked(a):
-        raise TypeError(
-            f"{name} is a masked array with masked values, which would hide what is written "
-            f"under them: pass {name}.data, or unmask it first ({name}.mask = False)"
         )
 
 
@@ -125,7 +121,7 @@ def _running(v, name, features):
         raise ValueError(f"{name} must have shape ({features},), got {v.shape}")
     if not v.flags.writeable:
         raise ValueError(f"{name} is read-only, but training updates it in place")
-    _refuse_masked_target(v, name)
+    _refuse_masked(v, name, written=True)
 
 
 def _compute_dtype(dtype):
@@ -194,7 +190,7 @@ def _output(out, x, sources, axis, transposed, dtype):
         raise TypeError(f"out must have dtype {dtype}, got {out.dtype}")
     if not out.flags.writeable:
         raise ValueError("out is read-only")
-    _refuse_masked_target(out, "out")
+    _refuse_masked(out, "out", written=True)
     # The kernels write through a plain ndarray view: Numba compiles for no subclass
     # (np.memmap, np.matrix, a masked array with nothing masked), and ``out`` is returned as given.
     out3 = _view_3d(np.asarray(out), axis, transposed, compute)
