@@ -4,7 +4,7 @@ import numbers
 
 import numpy as np
 
-from .api import _number, batch_norm_backward, batch_norm_forward
+from .api import _data, _number, batch_norm_backward, batch_norm_forward
 
 __all__ = ["BatchNorm"]
 
@@ -117,11 +117,11 @@ class BatchNorm:
         copies of the layer: do not modify ``x`` in place before calling :meth:`backward`.
         ``x.shape[axis]`` must be ``num_features`` (``ValueError``).
         """
-        shape = np.shape(x)
-        if len(shape) >= 2 and -len(shape) <= self.axis < len(shape) and shape[self.axis] != self.num_features:
+        x = _data(x, "x")  # once: an array-like is not converted again here and by the functional forward
+        if x.ndim >= 2 and -x.ndim <= self.axis < x.ndim and x.shape[self.axis] != self.num_features:
             # Else gamma's or running_mean's shape check would name an argument the caller never passed.
             raise ValueError(
-                f"x must have num_features={self.num_features} features on axis {self.axis}, got shape {shape}"
+                f"x must have num_features={self.num_features} features on axis {self.axis}, got shape {x.shape}"
             )
         training = self.training if training is None else bool(training)
         # As in PyTorch: without running statistics the batch statistics serve in both modes.
