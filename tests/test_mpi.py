@@ -140,6 +140,23 @@ FUNCTIONAL_SCRIPT = """
         numbanorm.mpi.batch_norm_forward(np.ones((4, 3)), running_mean=shared[:3], running_var=shared[2:5] if rank == 0 else np.ones(3))
     except Exception as error:
         errors["shared"] = [type(error).__name__, str(error)]
+    # The layer's own checks of x, and that a forward came first, raise on both ranks too.
+    layer = numbanorm.mpi.SyncBatchNorm(3)
+    try:
+        layer.forward(np.ones((4, 3 if rank == 0 else 4)))
+    except Exception as error:
+        errors["layer-features"] = [type(error).__name__, str(error)]
+    try:
+        layer.forward(np.ones((4, 3), dtype=np.complex64 if rank == 1 else np.float64))
+    except Exception as error:
+        errors["layer-dtype"] = [type(error).__name__, str(error)]
+    layer.eval()
+    if rank == 0:
+        layer.forward(np.ones((4, 3)))  # inference: no collective, and rank 1 has no forward to go back through
+    try:
+        layer.backward(np.ones((4, 3)))
+    except Exception as error:
+        errors["layer-backward"] = [type(error).__name__, str(error)]
     with open(f"{out}/errors-{rank}.json", "w") as f:
         json.dump(errors, f)
 
@@ -246,6 +263,11 @@ def test_an_error_on_one_rank_raises_on_every_rank(results):
         assert errors[rank]["count"][0] == "ValueError" and "more than 1 value" in errors[rank]["count"][1]
     assert errors[0]["shared"][0] == "ValueError" and "must not share memory" in errors[0]["shared"][1]
     assert errors[1]["shared"][0] == "RuntimeError" and "rank 0" in errors[1]["shared"][1]
+    assert errors[1]["layer-features"][0] == "ValueError" and "num_features=3" in errors[1]["layer-features"][1]
+    assert errors[1]["layer-dtype"][0] == "TypeError" and "x must" in errors[1]["layer-dtype"][1]
+    assert errors[1]["layer-backward"] == ["RuntimeError", "backward needs a forward first"]
+    for check in ("layer-features", "layer-dtype", "layer-backward"):
+        assert errors[0][check][0] == "RuntimeError" and "rank 1 of 2 failed" in errors[0][check][1]
 
 
 def test_float16_parameter_gradients_over_the_global_batch_do_not_overflow(results):

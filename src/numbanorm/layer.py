@@ -117,15 +117,10 @@ class BatchNorm:
         copies of the layer: do not modify ``x`` in place before calling :meth:`backward`.
         ``x.shape[axis]`` must be ``num_features`` (``ValueError``).
         """
-        x = _data(x, "x")  # once: an array-like is not converted again here and by the functional forward
-        if x.ndim >= 2 and -x.ndim <= self.axis < x.ndim and x.shape[self.axis] != self.num_features:
-            # Else gamma's or running_mean's shape check would name an argument the caller never passed.
-            raise ValueError(
-                f"x must have num_features={self.num_features} features on axis {self.axis}, got shape {x.shape}"
-            )
         training = self.training if training is None else bool(training)
         # As in PyTorch: without running statistics the batch statistics serve in both modes.
         use_batch_stats = training or self.running_mean is None
+        x = self._checked_input(x, use_batch_stats)
         tracking = use_batch_stats and self.running_mean is not None
         momentum = 0.0
         if tracking:
@@ -154,15 +149,34 @@ class BatchNorm:
 
     def backward(self, dy):
         """Gradient with respect to the last forward's input; fills ``dgamma`` and ``dbeta``."""
-        if self._saved is None:
-            raise RuntimeError("backward needs a forward first")
-        x, mean, invstd, use_batch_stats = self._saved
+        x, mean, invstd, use_batch_stats = self._last_forward()
         dx, dgamma, dbeta = self._functional_backward(
             dy, x, mean, invstd, self.gamma, axis=self.axis, training=use_batch_stats
         )
         self.dgamma = dgamma.astype(self.dtype, copy=False)
         self.dbeta = dbeta.astype(self.dtype, copy=False)
         return dx
+
+    def _checked_input(self, x, use_batch_stats):
+        """``x`` as an array, with ``num_features`` on the feature axis (``ValueError`` naming ``x`` otherwise).
+
+        Converted once: the functional forward takes the array as it is.
+        ``use_batch_stats``: whether the forward computes the batch's statistics
+        (which ``SyncBatchNorm`` gathers from every rank).
+        """
+        x = _data(x, "x")
+        if x.ndim >= 2 and -x.ndim <= self.axis < x.ndim and x.shape[self.axis] != self.num_features:
+            # Else gamma's or running_mean's shape check would name an argument the caller never passed.
+            raise ValueError(
+                f"x must have num_features={self.num_features} features on axis {self.axis}, got shape {x.shape}"
+            )
+        return x
+
+    def _last_forward(self):
+        """What the last forward kept for the backward: ``(x, mean, invstd, use_batch_stats)``."""
+        if self._saved is None:
+            raise RuntimeError("backward needs a forward first")
+        return self._saved
 
     def _functional_forward(self, x, gamma, beta, **options):
         """The functional forward the layer runs: a subclass (``SyncBatchNorm``) swaps in its own."""

@@ -30,6 +30,7 @@ Example, run with ``mpiexec -n 2 python script.py``::
     dx = layer.backward(np.ones_like(y))  # layer.dbeta == 40 on every rank
 """
 
+import functools
 import math
 
 import numpy as np
@@ -93,6 +94,17 @@ def allgather_checked(compute, comm=None):
         if error is not None:
             raise RuntimeError(f"rank {rank} of {comm.size} failed: {type(error).__name__}: {error}") from error
     return [value for _, value in gathered]
+
+
+def _checked_on_every_rank(check, comm):
+    """This rank's ``check()``, once every rank has run its own: an error on any rank raises on all of them.
+
+    Only whether each rank raised crosses the network (:func:`allgather_checked`
+    of nothing), not what ``check`` returns.
+    """
+    result = []
+    allgather_checked(lambda: result.append(check()), comm)
+    return result[0]
 
 
 def _same_features(parts, comm):
@@ -327,6 +339,18 @@ class SyncBatchNorm(BatchNorm):
 
     def __repr__(self):
         return "Sync" + super().__repr__()
+
+    # The layer checks its input, and that a forward came first, before the functional forward
+    # and backward: a rank that raised there would leave the others waiting in their collective.
+    # Both checks run on every rank together when a collective follows (the forward with the
+    # batch statistics; every backward).
+
+    def _checked_input(self, x, use_batch_stats):
+        check = functools.partial(super()._checked_input, x, use_batch_stats)
+        return _checked_on_every_rank(check, self.comm) if use_batch_stats else check()
+
+    def _last_forward(self):
+        return _checked_on_every_rank(super()._last_forward, self.comm)
 
     def _functional_forward(self, x, gamma, beta, **options):
         """In training, normalize with the global batch's statistics."""
