@@ -127,6 +127,21 @@ def test_adam_first_step_moves_each_parameter_by_lr():
     np.testing.assert_allclose(param, [1.0 - 0.01, -2.0 + 0.01, 3.0 - 0.01], rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda params: SGD(params, lr=0.1, momentum=1.0), r"momentum must be in \[0, 1\)"),
+        # Adam's bias correction divides by 1 - beta**steps.
+        (lambda params: Adam(params, betas=(1.0, 0.999)), r"betas\[0\] must be in \[0, 1\)"),
+        (lambda params: Adam(params, betas=(0.9, 1.0)), r"betas\[1\] must be in \[0, 1\)"),
+        (lambda params: Adam(params, lr=-1.0), r"lr must be in \[0.0, inf\]"),
+    ],
+)
+def test_optimizers_refuse_factors_outside_their_range(make, match):
+    with pytest.raises(ValueError, match=match):
+        make({"p": np.zeros(2)})
+
+
 # --- the network -----------------------------------------------------------------------
 
 
@@ -305,7 +320,7 @@ def test_load_state_dict_rejects_a_mismatch_and_changes_nothing():
         (dict(sizes=[4, 2.5, 3]), TypeError, r"sizes\[1\] must be an integer"),
         (dict(activation="gelu"), ValueError, "activation must be one of"),
         (dict(bn_position="middle"), ValueError, "bn_position must be"),
-        (dict(dropout=1.0), ValueError, "dropout must be less than 1"),
+        (dict(dropout=1.0), ValueError, r"dropout must be in \[0, 1\), got 1.0"),
         (dict(dropout=-0.1), ValueError, "dropout must be in"),
         (dict(dtype=np.int32), TypeError, "dtype must be float32 or float64"),
         (dict(batch_norm="False"), TypeError, "batch_norm must be a bool"),
@@ -526,7 +541,10 @@ def test_python_dash_m_runs(tmp_path):
         # Output paths are checked before training, which a bad one would otherwise waste.
         (["--plot", "/nonexistent/x.png"], "--plot: no directory '/nonexistent'"),
         (["--save", "/nonexistent/m.npz"], "--save: no directory '/nonexistent'"),
-        (["--json", "."], "--json: '.' is a directory"),
+        (["--json", "."], "--json: '.' names a directory, not a file"),
+        (["--json", "out/"], "--json: 'out/' names a directory, not a file"),
+        (["--save", ""], "--save: an empty path names no file"),
+        (["--json", "run.png", "--plot", "./run.png"], "--json and --plot name the same file"),
         (["--plot", "out.txt"], "--plot: matplotlib cannot write .txt files"),
     ],
 )

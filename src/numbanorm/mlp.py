@@ -214,6 +214,14 @@ def softmax_cross_entropy(logits, labels):
 # --- optimizers ------------------------------------------------------------------------
 
 
+def _fraction(value, name):
+    """``value`` as a float in ``[0, 1)``."""
+    value = _number(value, name, 0.0, 1.0)
+    if value == 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got 1.0")
+    return value
+
+
 class SGD:
     """Stochastic gradient descent with momentum, as ``torch.optim.SGD``.
 
@@ -230,7 +238,7 @@ class SGD:
     def __init__(self, params, lr, momentum=0.0):
         self.params = params
         self.lr = _number(lr, "lr", 0.0, math.inf)
-        self.momentum = _number(momentum, "momentum", 0.0, 1.0)
+        self.momentum = _fraction(momentum, "momentum")
         self.velocity = {name: np.zeros_like(p) for name, p in params.items()} if self.momentum else None
 
     def step(self, grads):
@@ -252,15 +260,16 @@ class Adam:
     params : dict of name -> ndarray
         Updated in place by :meth:`step`.
     lr : float, default 0.001
-    betas : (float, float), default (0.9, 0.999)
+    betas : (float, float) in [0, 1), default (0.9, 0.999)
     eps : float, default 1e-8
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
         self.params = params
         self.lr = _number(lr, "lr", 0.0, math.inf)
-        self.beta1 = _number(betas[0], "betas[0]", 0.0, 1.0)
-        self.beta2 = _number(betas[1], "betas[1]", 0.0, 1.0)
+        # Below 1: the bias corrections divide by 1 - beta**steps.
+        self.beta1 = _fraction(betas[0], "betas[0]")
+        self.beta2 = _fraction(betas[1], "betas[1]")
         self.eps = _number(eps, "eps", 0.0, math.inf)
         self.steps = 0
         self.m = {name: np.zeros_like(p) for name, p in params.items()}
@@ -348,9 +357,7 @@ class MLP:
             raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
         if bn_position not in ("before", "after"):
             raise ValueError(f"bn_position must be 'before' or 'after', got {bn_position!r}")
-        dropout = _number(dropout, "dropout", 0.0, 1.0)
-        if dropout == 1.0:
-            raise ValueError("dropout must be less than 1, got 1.0")
+        dropout = _fraction(dropout, "dropout")
         dtype = np.dtype(dtype)
         if dtype.kind != "f" or dtype.itemsize < 4:
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
@@ -773,10 +780,16 @@ def main(argv=None, prog="numbanorm-train"):
     if args.optimizer == "adam" and args.momentum:
         parser.error("--momentum applies to --optimizer sgd only")
     lr = args.lr if args.lr is not None else {"sgd": 0.1, "adam": 0.001}[args.optimizer]
+    written = {}
     for flag in ("json", "save", "plot"):
-        problem = _unwritable(getattr(args, flag), plot=flag == "plot")
+        path = getattr(args, flag)
+        problem = _unwritable(path, plot=flag == "plot")
         if problem:
             parser.error(f"--{flag}: {problem}")
+        if path is not None:
+            other = written.setdefault(os.path.realpath(path), flag)
+            if other != flag:
+                parser.error(f"--{other} and --{flag} name the same file, {path!r}: the last written would replace the other")
     if args.threads > numba.config.NUMBA_NUM_THREADS:
         limit = numba.config.NUMBA_NUM_THREADS
         parser.error(f"--threads: must be at most {limit} (NUMBA_NUM_THREADS), got {args.threads}")
@@ -796,8 +809,10 @@ def _unwritable(path, plot=False):
     """Why ``path`` cannot take an output file (checked before training, which it would waste), or None."""
     if path is None:
         return None
-    if os.path.isdir(path):
-        return f"{path!r} is a directory"
+    if not path:
+        return "an empty path names no file"
+    if os.path.isdir(path) or path.endswith(tuple(filter(None, (os.sep, os.altsep)))):
+        return f"{path!r} names a directory, not a file"
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         return f"no directory {folder!r}"
