@@ -211,6 +211,39 @@ def test_unknown_chunk_sizes_with_too_few_values_raise_when_computed():
             compute(invstd)
 
 
+def test_statistics_of_no_values_raise_as_in_memory():
+    with pytest.raises(ValueError, match="x must have at least 1 value per feature"):
+        numbanorm.batch_norm_stats(np.zeros((0, 3)))
+    with pytest.raises(ValueError, match="x must have at least 1 value per feature"):
+        nd.batch_norm_stats(da.zeros((0, 3), chunks=(1, 3)))
+    # With unknown chunk sizes, when computed.
+    x = da.from_array(data((20, 3), np.float64), chunks=(7, 3))
+    selected = x[da.from_array(np.zeros(20, bool), chunks=7)]
+    mean, var = nd.batch_norm_stats(selected)
+    with pytest.raises(ValueError, match="x must have at least 1 value per feature"):
+        compute(var)
+
+
+def test_an_unknown_size_along_the_feature_axis_is_refused_with_the_fix():
+    x = da.from_array(data((20, 4), np.float64), chunks=(7, 4))
+    columns = x[:, da.from_array(np.array([True, False, True, True]), chunks=4)]
+    assert np.isnan(columns.shape[1])
+    for call in (nd.batch_norm_forward, nd.batch_norm_stats, nd.batch_norm_partial_stats):
+        with pytest.raises(ValueError, match=r"known size along the feature axis 1.*compute_chunk_sizes"):
+            call(columns)
+    with pytest.raises(ValueError, match=r"known size along the feature axis 1.*compute_chunk_sizes"):
+        nd.batch_norm_backward(columns, columns, np.zeros(3), np.ones(3))
+    y, _, _ = nd.batch_norm_forward(columns.compute_chunk_sizes())
+    assert_close(compute(y)[0], reference.forward(x.compute()[:, [0, 2, 3]])[0], np.float64)
+
+
+def test_any_number_of_dimensions_as_in_memory():
+    x = data((4, 3) + (1,) * 25 + (2,), np.float32)  # 28-D
+    lazy = compute(*nd.batch_norm_forward(da.from_array(x, chunks={0: 2, 27: 1})))
+    for actual, wanted in zip(lazy, numbanorm.batch_norm_forward(x)):
+        assert_close(actual, wanted, np.float32)
+
+
 def test_an_empty_batch_backward_gives_what_in_memory_does():
     x = np.zeros((0, 3))
     mean, invstd = np.zeros(3), np.ones(3)
@@ -259,6 +292,42 @@ def test_nothing_is_computed_until_asked():
     assert len(calls) > 0
 
 
+def test_the_inference_backward_reads_no_x_and_each_dx_block_one_dy_block():
+    # dx = dy * gamma * invstd: each block of dx is ready with its block of dy, as the
+    # inference forward's y blocks are with x's; the sums wait for the whole array.
+    dy_blocks = []
+
+    def load_dy(block, block_info=None):
+        dy_blocks.append(block_info[None]["chunk-location"][0])
+        return block
+
+    def load_x(block):
+        pytest.fail("the inference backward read x")
+
+    meta = np.empty((0, 0))
+    x = da.ones((40, 3), chunks=(4, 3)).map_blocks(load_x, meta=meta)
+    dy = da.from_array(data((40, 3), np.float64), chunks=(4, 3)).map_blocks(load_dy, meta=meta)
+    mean, invstd, gamma = np.zeros(3), np.full(3, 0.5), np.array([1.0, 2.0, 3.0])
+    dx, _, _ = nd.batch_norm_backward(dy, x, mean, invstd, gamma, training=False)
+    first = compute(dx.blocks[0])[0]
+    assert dy_blocks == [0]
+    np.testing.assert_array_equal(first, dy.blocks[0].compute() * gamma * 0.5)
+
+
+def test_the_graph_grows_with_the_blocks_in_tasks_not_in_layers():
+    # Building a graph of one dask.delayed call per block took time that grew with the
+    # square of the blocks: each call merged every earlier layer into its own.
+    def layers(blocks):
+        x = da.zeros((blocks, 4), chunks=(1, 4))
+        y, mean, invstd = nd.batch_norm_forward(x)
+        dx, dgamma, dbeta = nd.batch_norm_backward(da.ones_like(x), x, mean, invstd)
+        return len(set().union(*(a.__dask_graph__().layers for a in (dx, dgamma, dbeta))))
+
+    # Each of the two reductions has one layer for each level of its tree of fan-in 16:
+    # 1000 blocks take two levels more than 10.
+    assert layers(1000) <= layers(10) + 2 * 2
+
+
 # --- errors -------------------------------------------------------------------------------
 
 
@@ -292,6 +361,8 @@ def test_running_statistics_in_training_are_refused():
         (lambda x: nd.batch_norm_forward(x, eps=-1.0), ValueError, "eps"),
         (lambda x: nd.batch_norm_forward(x[:1]), ValueError, "more than 1 value per feature"),
         (lambda x: nd.batch_norm_forward(x, split_every=1), ValueError, "split_every"),
+        (lambda x: nd.batch_norm_forward(x, training=False, running_mean=np.zeros(2), running_var=np.ones(2),
+                                         split_every="a"), TypeError, "split_every must be an integer"),
         (lambda x: nd.batch_norm_partial_stats(x, split_every=2.0), TypeError, "split_every"),
         (lambda x: nd.batch_norm_backward(x[:5], x, np.zeros(2), np.ones(2)), ValueError, "dy must have the shape"),
         (lambda x: nd.batch_norm_backward(x, x, np.zeros(3), np.ones(2)), ValueError, r"mean must have shape"),
