@@ -789,7 +789,7 @@ def main(argv=None, prog="numbanorm-train"):
         if path is not None:
             other = written.setdefault(os.path.realpath(path), flag)
             if other != flag:
-                parser.error(f"--{other} and --{flag} name the same file, {path!r}: the last written would replace the other")
+                parser.error(f"--{other} and --{flag} name the same file, {path!r}: one would replace the other")
     if args.threads > numba.config.NUMBA_NUM_THREADS:
         limit = numba.config.NUMBA_NUM_THREADS
         parser.error(f"--threads: must be at most {limit} (NUMBA_NUM_THREADS), got {args.threads}")
