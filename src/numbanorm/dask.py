@@ -130,14 +130,9 @@ def _reduce_blocks(block_function, arrays, vectors, feature_axis, rows, merge, s
     own: 49 s to build the backward of 8000 blocks.) A block's result has size
     1 along each axis of ``arrays``, so chunks of unknown size need no special case.
     """
-    ndim = arrays[0].ndim
-    index = tuple(range(ndim))
+    index, arguments = _blockwise_arguments(arrays, vectors, feature_axis)
+    ndim = len(index)
     new_axes = {ndim + i: size for i, size in enumerate(rows)}
-    arguments = []
-    for a in arrays:
-        arguments += [a, index]
-    for v in vectors:
-        arguments += [v, (feature_axis,)]
     parts = da.blockwise(
         partial(_block_result, block_function, ndim),
         index + tuple(new_axes),
@@ -183,13 +178,24 @@ def _blockwise(block_function, arrays, vectors, feature_axis, dtype):
     ``arrays`` share one shape; ``vectors`` are single-chunk ``(features,)``
     arrays, each passed whole to every call. The result has ``dtype``.
     """
+    index, arguments = _blockwise_arguments(arrays, vectors, feature_axis)
+    return da.blockwise(block_function, index, *arguments, dtype=dtype, meta=np.empty((0,) * len(index), dtype))
+
+
+def _blockwise_arguments(arrays, vectors, feature_axis):
+    """The index of ``arrays``' axes, and ``arrays`` and ``vectors`` each followed by its index, for ``da.blockwise``."""
     index = tuple(range(arrays[0].ndim))
     arguments = []
     for a in arrays:
         arguments += [a, index]
     for v in vectors:
         arguments += [v, (feature_axis,)]
-    return da.blockwise(block_function, index, *arguments, dtype=dtype, meta=np.empty((0,) * len(index), dtype))
+    return index, arguments
+
+
+def _values_per_feature(shape, axis):
+    """How many values of an array of ``shape`` each feature has (NaN for an unknown size)."""
+    return math.prod(shape[:axis] + shape[axis + 1 :])
 
 
 # --- statistics ------------------------------------------------------------------------
@@ -197,6 +203,13 @@ def _blockwise(block_function, arrays, vectors, feature_axis, dtype):
 
 def _stats_block(x, axis):
     return np.stack(api.batch_norm_partial_stats(x, axis=axis))
+
+
+def _at_least_one_value(count):
+    """``count``, once checked: the statistics need a value per feature (what unknown chunk sizes hid)."""
+    if count.size and count[0] < 1:
+        raise ValueError("x must have at least 1 value per feature, got 0")
+    return count
 
 
 def _merge_stats_blocks(parts):
@@ -280,20 +293,12 @@ def batch_norm_stats(x, *, axis=1, split_every=None):
     (array([ 2., 20.]), array([  1., 100.]))
     """
     count, mean, m2 = batch_norm_partial_stats(x, axis=axis, split_every=split_every)
-    values = math.prod(x.shape) / x.shape[axis] if x.shape[axis] else math.nan
-    if values == 0:  # a NaN (unknown chunk sizes) passes here, and is checked when computed
+    if _values_per_feature(x.shape, axis) == 0:  # a NaN (unknown chunk sizes) passes here, and is checked when computed
         raise ValueError(f"x must have at least 1 value per feature, got shape {x.shape}")
     return mean, m2 / count.map_blocks(_at_least_one_value, dtype=np.float64)
 
 
 # --- forward and backward --------------------------------------------------------------
-
-
-def _at_least_one_value(count):
-    """``count``, once checked: the statistics need a value per feature (what unknown chunk sizes hid)."""
-    if count.size and count[0] < 1:
-        raise ValueError("x must have at least 1 value per feature, got 0")
-    return count
 
 
 def _at_least_two_values(count):
@@ -392,8 +397,7 @@ def batch_norm_forward(
                 "running_mean and running_var cannot be updated in place by a lazy computation: "
                 "pass neither in training, and update them from batch_norm_partial_stats(x)"
             )
-        count = math.prod(x.shape[:axis] + x.shape[axis + 1 :])
-        if count < 2:  # a NaN count (unknown chunk sizes) passes here, and is checked when computed
+        if _values_per_feature(x.shape, axis) < 2:  # a NaN count (unknown chunk sizes) passes here, and is checked when computed
             raise ValueError(
                 f"x must have more than 1 value per feature in training, got shape {x.shape} "
                 f"with feature axis {axis}"
@@ -415,7 +419,7 @@ def batch_norm_forward(
 def _reduce_block(dy, x, mean, invstd, *, axis):
     sum_dy, sum_dy_xhat = api.batch_norm_backward_reduce(dy, x, mean, invstd, axis=axis)
     # The count rides along so that chunks of unknown size need no special case.
-    return np.stack([sum_dy, sum_dy_xhat, np.full_like(sum_dy, math.prod(x.shape[:axis] + x.shape[axis + 1 :]))])
+    return np.stack([sum_dy, sum_dy_xhat, np.full_like(sum_dy, _values_per_feature(x.shape, axis))])
 
 
 def _sum_blocks(parts):
