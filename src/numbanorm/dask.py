@@ -293,7 +293,7 @@ def batch_norm_stats(x, *, axis=1, split_every=None):
     (array([ 2., 20.]), array([  1., 100.]))
     """
     count, mean, m2 = batch_norm_partial_stats(x, axis=axis, split_every=split_every)
-    if _values_per_feature(x.shape, axis) == 0:  # a NaN (unknown chunk sizes) passes here, and is checked when computed
+    if _values_per_feature(x.shape, axis) == 0:  # a NaN (unknown chunk sizes) passes, as in the forward
         raise ValueError(f"x must have at least 1 value per feature, got shape {x.shape}")
     return mean, m2 / count.map_blocks(_at_least_one_value, dtype=np.float64)
 
@@ -397,7 +397,8 @@ def batch_norm_forward(
                 "running_mean and running_var cannot be updated in place by a lazy computation: "
                 "pass neither in training, and update them from batch_norm_partial_stats(x)"
             )
-        if _values_per_feature(x.shape, axis) < 2:  # a NaN count (unknown chunk sizes) passes here, and is checked when computed
+        # A NaN (unknown chunk sizes) passes here, and is checked when computed.
+        if _values_per_feature(x.shape, axis) < 2:
             raise ValueError(
                 f"x must have more than 1 value per feature in training, got shape {x.shape} "
                 f"with feature axis {axis}"
