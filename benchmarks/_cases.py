@@ -14,8 +14,12 @@ Libraries:
     (that is ``tests/reference.py``, in float64).
 ``torch``
     PyTorch on the CPU: ``torch.nn.functional.batch_norm``, its native backward
-    ``torch.ops.aten.native_batch_norm_backward``, ``torch.var_mean`` for the
-    statistics, and ``torch.nn.BatchNorm1d/2d`` with autograd for the layer.
+    ``torch.ops.aten.native_batch_norm_backward``, and ``torch.nn.BatchNorm1d/2d``
+    with autograd for the layer. PyTorch has no statistics-only kernel on the CPU
+    (``torch.batch_norm_stats`` is CUDA's): its training forward without
+    parameters, ``torch.native_batch_norm``, stands in, although it also writes
+    ``y``. (The generic ``torch.var_mean`` took 2-7x as long, which would flatter
+    numbanorm.)
     Channels-last data is passed as the channels-last view PyTorch's own kernels
     take, without a copy.
 """
@@ -259,20 +263,46 @@ def _numpy(op, d):
     return Call(forward_backward)
 
 
+def peak_increase_mb(run):
+    """MB that ``run()`` adds to the process's peak resident memory, over what it held before.
+
+    Linux only (``NotImplementedError``, asv's skip, elsewhere): writing ``5`` to
+    ``/proc/self/clear_refs`` resets the peak (``VmHWM``) to the current size.
+    Unlike asv's ``peakmem_``, this leaves out the interpreter, the compilers and
+    the setup's arrays: it is the call's own outputs and temporaries, less what
+    the allocator reuses of memory it already holds (small arrays often add 0).
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+    except OSError as error:
+        raise NotImplementedError(f"needs Linux's /proc/self/clear_refs ({error})") from None
+    before = _status_kb("VmRSS")
+    run()
+    return (_status_kb("VmHWM") - before) / 1024
+
+
+def _status_kb(field):
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise NotImplementedError(f"/proc/self/status has no {field}")
+
+
 # --- PyTorch ---------------------------------------------------------------------------
 
 
-def import_torch(wait_policy="PASSIVE"):
+def import_torch(wait_policy=None):
     """``torch``, with as many threads as Numba uses; ``NotImplementedError`` without it.
 
-    Unless ``OMP_WAIT_POLICY`` is set already, it is set to ``wait_policy``
-    (``None``: left unset). PASSIVE makes PyTorch's OpenMP threads sleep rather
-    than spin between parallel regions; like any OpenMP setting, it only takes
-    effect before torch's first import. Why: on 2 cores that other processes
-    share, a training forward of a (32, 64) array took anywhere from 15 µs to
-    48 ms with OpenMP's default, and a steady 75-90 µs with PASSIVE, which in
-    exchange costs PyTorch some tens of µs per call on small arrays when the
-    cores are idle.
+    ``wait_policy``: unless ``OMP_WAIT_POLICY`` is set already, it is set to this
+    (``None``, the default: left unset, PyTorch as its users run it). Like any
+    OpenMP setting, it only takes effect before torch's first import. PASSIVE
+    makes PyTorch's OpenMP threads sleep rather than spin between parallel
+    regions, which costs PyTorch 50-100 µs a call on small arrays (a (32, 64)
+    training forward took 106-111 µs with it, 15-21 µs without): the suite
+    measured with it before 2026-11-24, and flattered numbanorm there.
     """
     if wait_policy is not None:
         os.environ.setdefault("OMP_WAIT_POLICY", wait_policy)
@@ -304,13 +334,13 @@ def _torch(op, d):
     gamma, beta = torch.from_numpy(d.gamma), torch.from_numpy(d.beta)
     running_mean, running_var = torch.from_numpy(d.running_mean), torch.from_numpy(d.running_var)
     if op == "stats":
-        dims = tuple(i for i in range(x.ndim) if i != 1)
 
         def stats():
-            var, mean = torch.var_mean(x, dim=dims, correction=0)
-            return mean, var
+            _, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, EPS)
+            return mean, invstd
 
-        return Call(stats, lambda outputs: [t.numpy() for t in outputs])
+        # The variance back from invstd = 1 / sqrt(var + eps), untimed.
+        return Call(stats, lambda outputs: [outputs[0].numpy(), 1.0 / outputs[1].double().numpy() ** 2 - EPS])
     if op in ("forward_train", "forward_infer"):
         training = op == "forward_train"
 

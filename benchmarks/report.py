@@ -363,9 +363,10 @@ def parse(argv):
     parser.add_argument("--threads", type=int, default=numba.get_num_threads(),
                         help="threads for numbanorm and PyTorch (default: Numba's, %(default)s)")
     parser.add_argument("--repeats", type=int, help="interleaved repeats per row (default 15, 5 with --quick)")
-    parser.add_argument("--omp-wait-policy", choices=("passive", "active", "unset"), default="passive",
+    parser.add_argument("--omp-wait-policy", choices=("passive", "active", "unset"), default="unset",
                         help="OMP_WAIT_POLICY for PyTorch's OpenMP threads, whatever the environment says: "
-                        "passive (default, steady on shared cores; see _cases.import_torch), active, or unset")
+                        "unset (default: PyTorch as its users run it), passive (slower on small arrays; "
+                        "see _cases.import_torch) or active")
     parser.add_argument("--no-cold-start", dest="cold_start", action="store_false", help="skip the cold-start processes")
     args = parser.parse_args(argv)
     if not 1 <= args.threads <= numba.config.NUMBA_NUM_THREADS:

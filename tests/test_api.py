@@ -430,6 +430,43 @@ def test_non_native_byte_order_is_accepted():
     assert_close(dx, reference.backward(x, x, mean, invstd)[0], np.float64)
 
 
+def test_a_non_native_x_is_normalized_and_differentiated_in_place():
+    x = np.random.default_rng(11).normal(size=(30, 4)).astype(">f4")
+    dy = np.random.default_rng(12).normal(size=(30, 4)).astype(">f4")
+    ref_y, mean, invstd, _, _ = reference.forward(x)
+    ref_dx = reference.backward(dy, x, mean, invstd)[0]
+    x_before = x.copy()
+    y, mean, invstd = numbanorm.batch_norm_forward(x, out=x)
+    assert y is x and x.dtype == ">f4"
+    assert_close(x, ref_y, np.float32)
+    dx, _, _ = numbanorm.batch_norm_backward(dy, x_before, mean, invstd, out=dy)
+    assert dx is dy
+    assert_close(dy, ref_dx, np.float32)
+
+
+def test_converted_copies_keep_the_memory_order_the_kernels_give():
+    # Neither C nor Fortran: outputs are C-ordered, whether x needs a new dtype or not.
+    fortran = np.asfortranarray(np.arange(120).reshape(6, 4, 5))
+    for x in (fortran[:, ::2], fortran.astype(">f8")[:, ::2], fortran.astype(np.float32)[:, ::2]):
+        y, mean, invstd = numbanorm.batch_norm_forward(x)
+        assert y.flags.c_contiguous, x.dtype
+        assert numbanorm.batch_norm_backward(x, x, mean, invstd)[0].flags.c_contiguous, x.dtype
+    # Fortran-ordered in, Fortran-ordered out, converted or not.
+    for x in (fortran, fortran.astype(">f8"), fortran.astype(np.float32)):
+        assert numbanorm.batch_norm_forward(x)[0].flags.f_contiguous, x.dtype
+
+
+def test_interleaved_running_statistics_are_updated():
+    # Two columns of one array: their memory bounds overlap, their values do not.
+    x = np.random.default_rng(13).normal(size=(30, 4))
+    running = np.zeros((4, 2))
+    running[:, 1] = 1.0
+    numbanorm.batch_norm_forward(x, running_mean=running[:, 0], running_var=running[:, 1])
+    _, _, _, ref_rm, ref_rv = reference.forward(x, running_mean=np.zeros(4), running_var=np.ones(4))
+    assert_close(running[:, 0], ref_rm, np.float64)
+    assert_close(running[:, 1], ref_rv, np.float64)
+
+
 def test_float16_parameter_gradients_do_not_overflow():
     x = np.random.default_rng(10).normal(size=(70000, 2)).astype(np.float16)
     _, mean, invstd = numbanorm.batch_norm_forward(x)
@@ -876,6 +913,9 @@ def test_narrow_rows_read_as_super_rows_match(features, dtype, path):
     k = _kernels.FEATURE_TILE // features
     supers_per_block = _kernels.BLOCK_BYTES // np.dtype(dtype).itemsize // _kernels.FEATURE_TILE
     rows = 3 * supers_per_block * k + k + 1
+    # Enough rows for each of 3 slabs (the parallel path) to read them as super-rows.
+    min_supers = max(_kernels.STATS_SUPER_MIN_ROWS, _kernels.GRAD_SUPER_MIN_ROWS)
+    assert _kernels._super_rows(rows // 3, features, 1, min_supers) == k
     rng = np.random.default_rng(features)
     offsets = rng.uniform(-1e4, 1e4, features)
     x = (rng.normal(0, 3, size=(rows, features)) + offsets).astype(dtype)
@@ -900,7 +940,7 @@ def test_large_narrow_rows_give_the_backward_sums_wider_super_rows(features, dty
     # rows left over after the last super-row of each slab.
     k = _kernels.GRAD_SUPER_FEATURES // features
     rows = -(-_kernels.GRAD_WIDE_MIN_VALUES // features) + k + 1
-    assert _kernels._grad_super_rows(rows, features, 1) == k > _kernels._super_rows(features, 1)
+    assert _kernels._grad_super_rows(rows, features, 1) == k > _kernels._super_rows(rows, features, 1, 1)
     rng = np.random.default_rng(features)
     x = (rng.normal(0, 3, size=(rows, features)) + rng.uniform(-1e4, 1e4, features)).astype(dtype)
     dy = rng.normal(size=(rows, features)).astype(dtype)
@@ -1005,6 +1045,10 @@ BAD_CALLS = [
     ("negative eps", lambda x: numbanorm.batch_norm_forward(x, eps=-1e-5), ValueError, "eps"),
     ("nan eps", lambda x: numbanorm.batch_norm_forward(x, eps=float("nan")), ValueError, "eps"),
     ("string eps", lambda x: numbanorm.batch_norm_forward(x, eps="0.1"), TypeError, "eps"),
+    # bool("no") is True: a string would silently mean training.
+    ("string training", lambda x: numbanorm.batch_norm_forward(x, training="no"), TypeError, "training"),
+    ("None training", lambda x: numbanorm.batch_norm_forward(x, training=None), TypeError, "training"),
+    ("backward string training", lambda x: numbanorm.batch_norm_backward(x, x, ZEROS, ONES, training="False"), TypeError, "training"),
     ("momentum above 1", lambda x: numbanorm.batch_norm_forward(x, momentum=1.5), ValueError, "momentum"),
     ("negative momentum", lambda x: numbanorm.batch_norm_forward(x, momentum=-0.1), ValueError, "momentum"),
     ("one value per feature", lambda x: numbanorm.batch_norm_forward(x[:1]), ValueError, "x"),
@@ -1022,6 +1066,10 @@ BAD_CALLS = [
     ("backward out dtype", lambda x: numbanorm.batch_norm_backward(x, x, ZEROS, ONES, out=np.empty((6, 4))), TypeError, "out"),
     ("backward out not an array", lambda x: numbanorm.batch_norm_backward(x, x, ZEROS, ONES, out=x.tolist()), TypeError, "out"),
     ("backward out read-only", lambda x: numbanorm.batch_norm_backward(x, x, ZEROS, ONES, out=_readonly(x.copy())), ValueError, "out"),
+    ("elemt count not whole", lambda x: numbanorm.batch_norm_backward_elemt(x, x, ZEROS, ONES, None, ZEROS, ZEROS, 2.5), ValueError, "count"),
+    # y is written first, and the update would read it, then write over it.
+    ("running_mean in out", lambda x: numbanorm.batch_norm_forward(x, out=_OUT, running_mean=_OUT[0], running_var=np.ones(4)), ValueError, "running_mean"),
+    ("running_var in out=x", lambda x: numbanorm.batch_norm_forward(x, out=x, running_mean=np.zeros(4), running_var=x[2]), ValueError, "running_var"),
     ("elemt out dtype", lambda x: numbanorm.batch_norm_backward_elemt(x, x, ZEROS, ONES, None, ZEROS, ZEROS, 6, out=np.empty((6, 4))), TypeError, "out"),
     # np.asarray keeps the values under a mask: the statistics would silently include them.
     ("masked x", lambda x: numbanorm.batch_norm_forward(np.ma.masked_greater(x, 20)), TypeError, "x is a masked array"),
@@ -1029,6 +1077,9 @@ BAD_CALLS = [
     ("masked dy", lambda x: numbanorm.batch_norm_backward(np.ma.masked_less(x, 1), x, ZEROS, ONES), TypeError, "dy is a masked array"),
     ("masked gamma", lambda x: numbanorm.batch_norm_forward(x, np.ma.masked_equal(ONES, 1.0)), TypeError, "gamma is a masked array"),
 ]
+
+
+_OUT = np.zeros((6, 4), np.float32)
 
 
 def _readonly(a):
@@ -1076,7 +1127,12 @@ def test_inputs_are_not_modified():
         np.testing.assert_array_equal(a, b)
 
 
-def test_inference_returns_statistics_that_do_not_alias_the_running_ones():
-    running_mean, running_var = np.zeros(4), np.ones(4)
+class _Subclass(np.ndarray):
+    """An ndarray subclass, as np.memmap is: NumPy's conversions give plain views of it."""
+
+
+@pytest.mark.parametrize("make", [np.array, lambda a: np.array(a).view(_Subclass), lambda a: np.array(a, np.float32)])
+def test_inference_returns_statistics_that_do_not_alias_the_running_ones(make):
+    running_mean, running_var = make(np.zeros(4)), make(np.ones(4))
     _, mean, _ = numbanorm.batch_norm_forward(X, training=False, running_mean=running_mean, running_var=running_var)
     assert not np.shares_memory(mean, running_mean)

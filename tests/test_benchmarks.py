@@ -7,6 +7,7 @@ runs the benchmarks, as a failure or as a speedup that means nothing.
 """
 
 import importlib.util
+import mmap
 import pathlib
 import subprocess
 import sys
@@ -46,10 +47,21 @@ def test_every_asv_benchmark_runs_on_one_case():
         assert set(shapes) == set(_cases.CASES) and set(dtypes) == set(_cases.DTYPES) and "torch" in libraries
         bench = cls()
         bench.setup("32x64", "float32", "numbanorm")
-        methods = [name for name in dir(bench) if name.startswith(("time_", "peakmem_"))]
-        assert len(methods) == 2, (cls.__name__, methods)
+        methods = [name for name in dir(bench) if name.startswith(("time_", "peakmem_", "track_"))]
+        assert len(methods) == 3, (cls.__name__, methods)
         for name in methods:
             getattr(bench, name)("32x64", "float32", "numbanorm")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
+def test_the_peak_increase_counts_what_a_call_allocates():
+    # 64 MB of fresh pages (an anonymous map: not memory the allocator holds from earlier tests).
+    def touch_64_mb():
+        with mmap.mmap(-1, 64 * 2**20) as pages:
+            np.frombuffer(pages, dtype=np.uint8)[:] = 1
+
+    assert 60 < _cases.peak_increase_mb(touch_64_mb) < 80
+    assert _cases.peak_increase_mb(lambda: None) < 4
 
 
 @pytest.mark.parametrize("op", _cases.OUTPUT_OPS)

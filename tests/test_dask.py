@@ -364,6 +364,8 @@ def test_running_statistics_in_training_are_refused():
         (lambda x: nd.batch_norm_forward(x, training=False, running_mean=np.zeros(2), running_var=np.ones(2),
                                          split_every="a"), TypeError, "split_every must be an integer"),
         (lambda x: nd.batch_norm_partial_stats(x, split_every=2.0), TypeError, "split_every"),
+        (lambda x: nd.batch_norm_forward(x, training="no"), TypeError, "training must be a bool"),
+        (lambda x: nd.batch_norm_backward(x, x, np.zeros(2), np.ones(2), training=0), TypeError, "training must be a bool"),
         (lambda x: nd.batch_norm_backward(x[:5], x, np.zeros(2), np.ones(2)), ValueError, "dy must have the shape"),
         (lambda x: nd.batch_norm_backward(x, x, np.zeros(3), np.ones(2)), ValueError, r"mean must have shape"),
         (lambda x: nd.batch_norm_backward(x, x, np.zeros(2), np.ones(3)), ValueError, r"invstd must have shape"),

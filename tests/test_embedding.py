@@ -95,7 +95,9 @@ def test_set_num_threads_is_honoured():
     np.testing.assert_allclose(y_one, reference.forward(x)[0], rtol=1e-10, atol=1e-10)
 
 
-def test_a_threading_layer_other_than_tbb_is_reported():
+def test_a_threading_layer_other_than_tbb_is_reported_at_the_first_parallel_call():
+    # Before the first kernel runs (a workqueue pool's first concurrent calls abort the
+    # process), and at the caller's line, not at one inside numbanorm.
     out = run_python(
         """
         import warnings
@@ -103,13 +105,52 @@ def test_a_threading_layer_other_than_tbb_is_reported():
         x = np.ones((40000, 4))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            for _ in range(3):
-                numbanorm.batch_norm_forward(x)
-        print(len(caught), caught[0].category.__name__ if caught else "", "workqueue" in str(caught[0].message) if caught else "")
+            numbanorm.BatchNorm(4, dtype=np.float64).forward(x)
+            first = len(caught)
+            numbanorm.batch_norm_forward(x)
+        print(first, len(caught), caught[0].category.__name__, caught[0].filename)
+        print(caught[0].message)
         """,
         NUMBA_THREADING_LAYER="workqueue",
     )
-    assert out.split() == ["1", "RuntimeWarning", "True"]
+    counts, message = out.splitlines()
+    assert counts.split() == ["1", "1", "RuntimeWarning", "<string>"]
+    assert "'workqueue'" in message and "NUMBA_THREADING_LAYER=workqueue" in message
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the tbb wheel's library is preloaded on Linux only")
+@pytest.mark.parametrize("found", [True, False])
+def test_the_tbb_library_is_found_where_its_package_put_it(found, tmp_path):
+    # A --user or --prefix install puts libtbb.so.12 outside sys.prefix: the package's
+    # file list says where. Without the library the warning says that it is missing.
+    env = {key: value for key, value in os.environ.items() if key != "NUMBA_THREADING_LAYER"}
+    code = f"""
+        import importlib.metadata, os, sys, warnings
+        real = [f.locate() for f in importlib.metadata.files("tbb") if f.name.startswith("libtbb.so.12")][0]
+        link = os.path.join({str(tmp_path)!r}, "libtbb.so.12")
+        os.symlink(real, link)
+
+        class Entry:
+            name = "libtbb.so.12"
+            def locate(self):
+                return link
+
+        importlib.metadata.files = lambda name: [Entry()] if {found} else []
+        sys.prefix = sys.base_prefix = "/nonexistent"  # not where the environment's lib/ is
+        import numba, numpy as np, numbanorm
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            numbanorm.batch_norm_forward(np.ones((40000, 4)))
+        print(numba.threading_layer(), [str(w.message) for w in caught])
+        """
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                            timeout=600, env=env)
+    assert result.returncode == 0, result.stderr
+    layer, warned = result.stdout.split(" ", 1)
+    if found:
+        assert (layer, warned.strip()) == ("tbb", "[]")
+    else:
+        assert layer != "tbb" and "tbb package's library was not found" in warned and "pip install tbb" in warned
 
 
 def test_a_bad_environment_switch_is_named():

@@ -142,6 +142,7 @@ def test_load_state_dict_rejects_wrong_keys_and_shapes():
         ("running_var", np.full(5, None), TypeError),
         ("num_batches_tracked", np.array(2.5), TypeError),
         ("num_batches_tracked", "3", TypeError),
+        ("num_batches_tracked", np.array(-1), ValueError),  # momentum=None would divide by 0
     ],
 )
 def test_a_state_that_raises_loads_nothing(key, value, exception):
@@ -157,12 +158,46 @@ def test_a_state_that_raises_loads_nothing(key, value, exception):
         np.testing.assert_array_equal(array, before[name], err_msg=name)
 
 
+def test_a_forward_that_raises_leaves_no_batch_for_the_backward():
+    layer = numbanorm.BatchNorm(3)
+    layer.forward(batch(0, (8, 3)))
+    with pytest.raises(ValueError, match="x"):
+        layer.forward(batch(1, (8, 4)))
+    with pytest.raises(RuntimeError, match="forward"):
+        layer.backward(np.ones((8, 3), np.float32))  # not the gradient of the batch before
+
+
+def test_float16_parameter_gradients_are_float32_and_do_not_overflow():
+    layer = numbanorm.BatchNorm(2, dtype=np.float16)
+    x = np.random.default_rng(3).normal(size=(70000, 2)).astype(np.float16)
+    layer.forward(x)
+    layer.backward(np.ones_like(x))
+    assert layer.dgamma.dtype == layer.dbeta.dtype == np.float32
+    np.testing.assert_array_equal(layer.dbeta, 70000.0)  # float16's largest is 65504
+    # float64 data through a float32 layer: the gradients are in the parameters' dtype.
+    layer = numbanorm.BatchNorm(2, dtype=np.float32)
+    layer.forward(x.astype(np.float64))
+    layer.backward(np.ones(x.shape))
+    assert layer.dgamma.dtype == layer.dbeta.dtype == np.float32
+
+
 def test_train_takes_a_bool_only():
     layer = numbanorm.BatchNorm(3).eval()
     with pytest.raises(TypeError, match="mode"):
         layer.train("False")  # a non-empty string: bool() of it would switch training on
     assert not layer.training
     assert layer.train(np.bool_(True)).training
+
+
+def test_forward_takes_a_bool_or_none_for_training():
+    layer = numbanorm.BatchNorm(3).eval()
+    x = batch(0, (8, 3))
+    with pytest.raises(TypeError, match="training"):
+        layer.forward(x, training="no")  # bool("no") is True: it would update the running statistics
+    assert layer.num_batches_tracked == 0
+    np.testing.assert_array_equal(layer.running_mean, np.zeros(3, np.float32))
+    layer.forward(x, training=np.bool_(True))
+    assert layer.num_batches_tracked == 1
 
 
 def test_pickles_and_copies_leave_out_the_saved_input():
@@ -190,6 +225,9 @@ def test_pickles_and_copies_leave_out_the_saved_input():
         # float128 where longdouble is wider than float64 (x86-64 Linux); float64 elsewhere.
         *([(dict(num_features=3, dtype=np.longdouble), TypeError, "dtype")] if np.dtype(np.longdouble).itemsize > 8 else []),
         (dict(num_features=3, axis="1"), TypeError, "axis"),
+        (dict(num_features=3, dtype=None), TypeError, "dtype"),  # np.dtype(None) is float64
+        (dict(num_features=3, affine="no"), TypeError, "affine"),  # bool("no") is True
+        (dict(num_features=3, track_running_stats=0), TypeError, "track_running_stats"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, exception, name):

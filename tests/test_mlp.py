@@ -354,6 +354,13 @@ def test_bad_training_inputs_are_named():
         train(model, x[:1], labels[:1], epochs=1, batch_size=4, lr=0.1)
     with pytest.raises(ValueError, match="X_test and y_test"):
         train(model, x, labels, epochs=1, batch_size=4, lr=0.1, X_test=x)
+    bad = x.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(ValueError, match="X must be finite, got 1 NaN"):
+        train(model, bad, labels, epochs=1, batch_size=4, lr=0.1)
+    bad[3, 2] = np.inf
+    with pytest.raises(ValueError, match="X_test must be finite"):
+        train(model, x, labels, epochs=1, batch_size=4, lr=0.1, X_test=bad, y_test=labels)
     # Without batch normalization a batch of one is fine.
     train(MLP([4, 5, 3], batch_norm=False), x, labels, epochs=1, batch_size=1, lr=0.1)
 
@@ -533,7 +540,8 @@ def test_python_dash_m_runs(tmp_path):
         (["--hidden", "10", "x"], "--hidden: must be a positive integer"),
         (["--lr", "-1"], "--lr: must be a positive number"),
         (["--dropout", "1"], r"--dropout: must be in \[0, 1\)"),
-        (["--batch-size", "1"], "--batch-size: must be an integer of at least 2"),
+        (["--batch-size", "1"], "--batch-size: batch normalization needs at least 2 samples"),
+        (["--batch-size", "0"], "--batch-size: must be a positive integer"),
         (["--activation", "gelu"], "--activation: invalid choice"),
         (["--compare", "--no-batch-norm"], "drop --no-batch-norm"),
         (["--compare", "--save", "m.npz"], "drop --compare"),
@@ -554,6 +562,19 @@ def test_cli_rejects_bad_flags(argv, message, capsys, monkeypatch):
         main(argv)
     assert exit_info.value.code == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_cli_trains_on_single_samples_without_batch_norm(monkeypatch):
+    seen = {}
+
+    def record(model, *args, batch_size, **kwargs):
+        seen["batch_size"], seen["batch_norm"] = batch_size, model.config["batch_norm"]
+        raise KeyboardInterrupt  # enough: the flags were accepted and reached train()
+
+    monkeypatch.setattr("numbanorm.mlp.train", record)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--batch-size", "1", "--no-batch-norm", "--quiet"])
+    assert seen == {"batch_size": 1, "batch_norm": False}
 
 
 def test_cli_says_when_training_diverges_and_writes_strict_json(tmp_path, capsys):

@@ -30,7 +30,8 @@
     moved from 10 MiB to 32 MiB: README, "Streaming stores".
 
 Threads: the kernels use ``numba.get_num_threads()``, so ``NUMBA_NUM_THREADS``
-and ``numba.set_num_threads`` apply as for any Numba code.
+and ``numba.set_num_threads`` (which holds for the thread that calls it) apply as
+for any Numba code.
 """
 
 import ctypes
@@ -40,7 +41,7 @@ import sys
 import warnings
 
 
-def _flag(name, default):
+def _env_flag(name, default):
     value = os.environ.get(name, default).strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
@@ -49,8 +50,8 @@ def _flag(name, default):
     raise ValueError(f"environment variable {name} must be 0 or 1, got {value!r}")
 
 
-CACHE = _flag("NUMBANORM_CACHE", "1")
-FASTMATH = {"reassoc", "contract"} if _flag("NUMBANORM_FASTMATH", "1") else False
+CACHE = _env_flag("NUMBANORM_CACHE", "1")
+FASTMATH = {"reassoc", "contract"} if _env_flag("NUMBANORM_FASTMATH", "1") else False
 if not FASTMATH:
     # Numba's cache does not key on compiler flags: a cached fastmath build would be loaded.
     CACHE = False
@@ -79,46 +80,87 @@ if "NUMBANORM_PARALLEL_MIN_SIZE" in os.environ:
     )
 
 
+def _tbb_libraries():
+    """Candidate paths of the ``tbb`` wheel's ``libtbb.so.12``, most likely first.
+
+    The wheel installs it two levels above its ``site-packages`` (the ``lib/``
+    of whatever scheme installed it: a venv, ``--user``, ``--prefix``), so its
+    own file list says where; the environment's prefixes are the fallback.
+    """
+    paths = []
+    try:
+        from importlib import metadata
+
+        files = metadata.files("tbb") or []
+        paths += [str(f.locate()) for f in files if f.name.startswith("libtbb.so.12")]
+    except Exception:  # noqa: BLE001 - not installed, or a broken record: try the prefixes
+        pass
+    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
+        paths += sorted(glob.glob(os.path.join(prefix, "lib", "libtbb.so.12*")))
+    return list(dict.fromkeys(paths))
+
+
+# Whether ``preload_tbb`` loaded the library: what the warning of ``check_threading_layer`` says.
+TBB_LOADED = False
+
+
 def preload_tbb():
     """Make Numba's TBB threading layer findable, without choosing it for the user.
 
-    The ``tbb`` wheel puts ``libtbb.so.12`` in the environment's ``lib/``, where
-    the dynamic loader does not look; once it is loaded, Numba's default layer
-    order (tbb, omp, workqueue) picks TBB, the one layer that is safe both with
-    concurrent calls from several threads and in children forked after a
-    parallel region ran. An explicit ``NUMBA_THREADING_LAYER`` still wins.
+    The ``tbb`` wheel puts ``libtbb.so.12`` in a ``lib/`` where the dynamic
+    loader does not look; once it is loaded, Numba's default layer order (tbb,
+    omp, workqueue) picks TBB, the one layer that is safe both with concurrent
+    calls from several threads and in children forked after a parallel region
+    ran. An explicit ``NUMBA_THREADING_LAYER`` still wins. Sets ``TBB_LOADED``.
     """
+    global TBB_LOADED
     if not sys.platform.startswith("linux"):
         return
-    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
-        for path in sorted(glob.glob(os.path.join(prefix, "lib", "libtbb.so.12*"))):
-            try:
-                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-                return
-            except OSError:
-                continue
+    for path in _tbb_libraries():
+        try:
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            continue
+        TBB_LOADED = True
+        return
+
+
+def _outside_package_stacklevel():
+    """The ``stacklevel`` of the first frame outside numbanorm: a warning names the caller's line."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "numbanorm":
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def check_threading_layer():
-    """Warn when Numba's threading layer is not TBB; return whether the layer is known yet.
+    """Warn when Numba's threading layer is not TBB, before the first parallel kernel runs.
 
-    Numba picks its layer once per process, at the first parallel region. If
-    other code ran one before ``import numbanorm`` (or ``NUMBA_THREADING_LAYER``
-    says so), it may be OpenMP, which kills children forked afterwards, or
-    workqueue, which aborts on concurrent calls.
+    Numba picks its layer once per process, when its thread pool starts:
+    ``numba.get_num_threads()`` starts it, so the layer is known here, before
+    any of numbanorm's kernels runs. If other code ran a parallel region before
+    ``import numbanorm`` (or ``NUMBA_THREADING_LAYER`` says so, or the ``tbb``
+    package is missing), it may be OpenMP, which kills children forked
+    afterwards, or workqueue, which aborts on concurrent calls.
     """
     import numba
 
-    try:
-        layer = numba.threading_layer()
-    except ValueError:  # no parallel region has run yet
-        return False
-    if layer != "tbb":
-        warnings.warn(
-            f"Numba's threading layer is {layer!r}, not 'tbb': numbanorm's parallel kernels are then not safe "
-            "both in forked children and from several threads at once. Import numbanorm before running other "
-            "parallel Numba code, or set NUMBA_THREADING_LAYER=tbb (needs the tbb package).",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-    return True
+    numba.get_num_threads()  # starts the pool: the layer is chosen now, if it was not already
+    layer = numba.threading_layer()
+    if layer == "tbb":
+        return
+    if os.environ.get("NUMBA_THREADING_LAYER"):
+        cause = f"NUMBA_THREADING_LAYER={os.environ['NUMBA_THREADING_LAYER']} chose it"
+        advice = "unset it, or set it to tbb"
+    elif not TBB_LOADED:
+        cause = "the tbb package's library was not found"
+        advice = "pip install tbb (a wheel for x86_64 only)"
+    else:
+        cause = "other parallel Numba code started Numba's threads before numbanorm was imported"
+        advice = "import numbanorm first"
+    warnings.warn(
+        f"Numba's threading layer is {layer!r}, not 'tbb' ({cause}): numbanorm's parallel kernels are then not "
+        f"safe both in forked children and from several threads at once; {advice}.",
+        RuntimeWarning,
+        stacklevel=_outside_package_stacklevel(),
+    )

@@ -34,15 +34,21 @@ __all__ = [
 # --- argument checks -------------------------------------------------------------------
 
 
+_FLOAT32, _FLOAT64 = np.dtype(np.float32), np.dtype(np.float64)
+
+
 def _data(a, name):
     """``a`` as an ndarray of float16/32/64 (integers and bools become float64)."""
+    if type(a) is np.ndarray and (a.dtype is _FLOAT32 or a.dtype is _FLOAT64):
+        return a  # the common case, checked in a fraction of the time (small arrays feel it)
     _refuse_masked(a, name)
     a = np.asarray(a)
     kind = a.dtype.kind
+    # A copy is Fortran-ordered only when ``a`` is (order "A"), as the kernels' own copies are.
     if kind == "f" and a.dtype.itemsize <= 8:
-        return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
+        return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="), order="A")
     if kind in "biu":
-        return a.astype(np.float64)
+        return a.astype(np.float64, order="A")
     raise TypeError(
         f"{name} must hold real numbers (float16, float32, float64, integer or bool), got dtype {a.dtype}"
     )
@@ -88,11 +94,26 @@ def _number(value, name, low, high):
     return value
 
 
-def _per_feature(v, name, features):
-    """``v`` as a C-contiguous float64 array of shape ``(features,)``."""
-    if type(v) is np.ndarray and v.dtype == np.float64 and v.shape == (features,):
-        if v.flags.c_contiguous and v.flags.aligned:
-            return v
+def _flag(value, name):
+    """``value`` as a bool; anything but ``bool`` and ``numpy.bool_`` is refused (``"no"`` would mean True)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
+
+
+def _per_feature(v, name, features, float32=False):
+    """``v`` as a C-contiguous float64 array of shape ``(features,)``.
+
+    ``float32``: a C-contiguous float32 ndarray is returned as it is (for the
+    small kernels that compile for either: a conversion costs small arrays).
+    """
+    if type(v) is np.ndarray and v.shape == (features,):
+        if v.dtype is _FLOAT64 or (float32 and v.dtype is _FLOAT32):
+            flags = v.flags
+            if flags.c_contiguous and flags.aligned:
+                return v
+        if v.dtype is _FLOAT32:
+            return v.astype(np.float64)  # a new C-contiguous, aligned array
     _refuse_masked(v, name)
     v = np.asarray(v)
     if v.dtype.kind not in "biuf":
@@ -107,12 +128,15 @@ def _running_pair(running_mean, running_var, features):
     """Check that the running statistics are two arrays that training can update in place."""
     _running(running_mean, "running_mean", features)
     _running(running_var, "running_var", features)
-    if np.may_share_memory(running_mean, running_var):
+    if np.shares_memory(running_mean, running_var):  # exact: interleaved columns of one array are fine
         raise ValueError("running_mean and running_var must not share memory: both are updated in place")
 
 
 def _running(v, name, features):
     """Check that ``v`` is a running statistic that training can update in place."""
+    if type(v) is np.ndarray and (v.dtype is _FLOAT32 or v.dtype is _FLOAT64) and v.shape == (features,):
+        if v.flags.writeable:
+            return
     if not isinstance(v, np.ndarray):
         raise TypeError(f"{name} must be a NumPy array (training updates it in place), got {type(v).__name__}")
     if v.dtype.kind != "f" or v.dtype.itemsize > 8:
@@ -126,7 +150,9 @@ def _running(v, name, features):
 
 def _compute_dtype(dtype):
     """The dtype the kernels see: float16 is computed in float32."""
-    return np.dtype(np.float32) if dtype == np.float16 else dtype
+    if dtype is _FLOAT32 or dtype is _FLOAT64:
+        return dtype
+    return _FLOAT32 if dtype == np.float16 else dtype
 
 
 # --- layouts ---------------------------------------------------------------------------
@@ -141,8 +167,15 @@ def _shape3(shape, axis):
     return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])
 
 
-def _to_3d(a, axis, transposed, dtype):
-    """The ``(outer, features, inner)`` C-contiguous array of ``a`` in ``dtype``; a view when possible."""
+def _to_3d(a, axis, transposed, dtype, shape3=None):
+    """The ``(outer, features, inner)`` C-contiguous array of ``a`` in ``dtype``; a view when possible.
+
+    ``shape3``: ``_shape3(a.shape, axis)``, when the caller has it.
+    """
+    if not transposed and a.dtype is dtype:
+        flags = a.flags
+        if flags.c_contiguous and flags.aligned:  # the common case, without a call that changes nothing
+            return a.reshape(shape3 or _shape3(a.shape, axis))
     if transposed:
         a, axis = a.T, a.ndim - 1 - axis
     a = np.ascontiguousarray(a, dtype=dtype)
@@ -186,7 +219,7 @@ def _output(out, x, sources, axis, transposed, dtype):
         raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
     if out.shape != x.shape:
         raise ValueError(f"out must have shape {x.shape}, got {out.shape}")
-    if out.dtype != dtype:
+    if out.dtype.newbyteorder("=") != dtype:  # any byte order: a non-native out receives a copy
         raise TypeError(f"out must have dtype {dtype}, got {out.dtype}")
     if not out.flags.writeable:
         raise ValueError("out is read-only")
@@ -206,6 +239,8 @@ def _output(out, x, sources, axis, transposed, dtype):
 
 def _finish(y3, out, shape, transposed, dtype):
     """The caller's result from the kernel's output ``y3``."""
+    if out is None and not transposed and y3.dtype is dtype:
+        return y3.reshape(shape)
     y = _from_3d(y3, shape, transposed)
     if out is None:
         return y.astype(dtype, copy=False)
@@ -229,7 +264,7 @@ def _stream(out3, sources, forward_into_new=False):
     too, zeroed, and streaming over them was 0.89-1.05x as fast (into a reused
     ``out``, 1.16-1.52x; a backward's new ``dx``, 1.00-1.19x).
     """
-    if out3.shape[2] != 1 or not out3.flags.aligned or out3.nbytes < STREAM_MIN_BYTES:
+    if out3.nbytes < STREAM_MIN_BYTES or out3.shape[2] != 1 or not out3.flags.aligned:
         return False
     if any(out3.ctypes.data == source.ctypes.data for source in sources):
         return False
@@ -242,16 +277,17 @@ def _params(rows, x3):
     return np.empty((rows, x3.shape[1] + _kernels.PARAMS_PAD), dtype=x3.dtype)
 
 
-_threading_layer_known = False
+_threading_layer_checked = False
 
 
 def _chunks(nbytes):
     """How many slabs a kernel splits the work into: one thread for small arrays."""
-    global _threading_layer_known
+    global _threading_layer_checked
     if nbytes < PARALLEL_MIN_BYTES:
         return 1
-    if not _threading_layer_known:
-        _threading_layer_known = check_threading_layer()
+    if not _threading_layer_checked:
+        _threading_layer_checked = True
+        check_threading_layer()
     return numba.get_num_threads()
 
 
@@ -454,13 +490,15 @@ def batch_norm_forward(
     Raises
     ------
     TypeError
-        Non-real data; a non-array ``out`` or running statistic; wrong ``out`` dtype;
+        Non-real data; ``training`` is not a bool; a non-array ``out`` or running
+        statistic; wrong ``out`` dtype;
         a masked array with masked values as ``x``, ``gamma``, ``beta``, ``out``
         or a running statistic.
     ValueError
         Wrong shapes; fewer than 2 dimensions; ``eps < 0``; ``momentum``
         outside [0, 1]; fewer than 2 values per feature in training; inference
-        without running statistics.
+        without running statistics; in training, running statistics that share
+        memory with each other or with ``out``.
     numpy.exceptions.AxisError
         ``axis`` is out of range.
 
@@ -477,14 +515,21 @@ def batch_norm_forward(
     axis = _feature_axis(axis, x)
     features = x.shape[axis]
     eps = _number(eps, "eps", 0.0, math.inf)
-    gamma = np.ones(features) if gamma is None else _per_feature(gamma, "gamma", features)
-    beta = np.zeros(features) if beta is None else _per_feature(beta, "beta", features)
+    training = _flag(training, "training")
+    # Inference's parameters go to ``inference_params``, which takes float32 as well.
+    gamma = np.ones(features) if gamma is None else _per_feature(gamma, "gamma", features, float32=not training)
+    beta = np.zeros(features) if beta is None else _per_feature(beta, "beta", features, float32=not training)
     if training:
         momentum = _number(momentum, "momentum", 0.0, 1.0)
         if (running_mean is None) != (running_var is None):
             raise ValueError("running_mean and running_var must be given together, or neither")
         if running_mean is not None:
             _running_pair(running_mean, running_var, features)
+            if out is not None:
+                for v, name in ((running_mean, "running_mean"), (running_var, "running_var")):
+                    # y is written first: the update would read y, and write over it.
+                    if isinstance(out, np.ndarray) and np.shares_memory(v, out):
+                        raise ValueError(f"{name} must not share memory with out: both are written")
         outer, _, inner = _shape3(x.shape, axis)
         count = outer * inner
         if count < 2:
@@ -495,8 +540,10 @@ def batch_norm_forward(
     else:
         if running_mean is None or running_var is None:
             raise ValueError("inference (training=False) needs running_mean and running_var")
-        mean = _per_feature(running_mean, "running_mean", features).copy()
-        var = _per_feature(running_var, "running_var", features)
+        running = (
+            _per_feature(running_mean, "running_mean", features, float32=True),
+            _per_feature(running_var, "running_var", features, float32=True),
+        )
 
     transposed = _transposes(x)
     x3 = _to_3d(x, axis, transposed, _compute_dtype(x.dtype))
@@ -512,14 +559,21 @@ def batch_norm_forward(
         if running_mean is not None:
             _update_running(running_mean, running_var, mean, var, momentum, count)
     else:
-        invstd = 1.0 / np.sqrt(var + eps)
-        _kernels.normalize_params(mean, invstd, gamma, beta, params)
+        mean = np.empty(features)  # returned: a copy of the running mean, in float64
+        invstd = np.empty(features)
+        _kernels.inference_params(*running, eps, gamma, beta, mean, invstd, params)
         _kernels.normalize(x3, params, chunks, stream, y3)
     return _finish(y3, out, x.shape, transposed, x.dtype), mean, invstd
 
 
+def _in_kernel_dtype(v):
+    """Whether the kernels can update ``v`` in place: float32 or float64 in native byte order, aligned."""
+    dtype = v.dtype
+    return (dtype is _FLOAT32 or dtype is _FLOAT64 or (dtype.isnative and dtype != np.float16)) and v.flags.aligned
+
+
 def _update_running(running_mean, running_var, mean, var, momentum, count):
-    if not all(v.dtype.isnative and v.dtype != np.float16 and v.flags.aligned for v in (running_mean, running_var)):
+    if not (_in_kernel_dtype(running_mean) and _in_kernel_dtype(running_var)):
         # Numba has no float16 arithmetic, nor non-native byte orders, and an unaligned array
         # would cost a compilation of its own. In float64 before the store, as the kernel.
         running_mean[...] = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * mean
@@ -535,11 +589,11 @@ def _gradient_inputs(dy, x, axis):
     axis = _feature_axis(axis, x)
     if dy.shape != x.shape:
         raise ValueError(f"dy must have the shape of x, {x.shape}, got {dy.shape}")
-    dtype = np.result_type(x.dtype, dy.dtype)
+    dtype = x.dtype if x.dtype is dy.dtype else np.result_type(x.dtype, dy.dtype)
     compute = _compute_dtype(dtype)
     transposed = _transposes(x)
     x3 = _to_3d(x, axis, transposed, compute)
-    dy3 = _to_3d(dy, axis, transposed, compute)
+    dy3 = _to_3d(dy, axis, transposed, compute, x3.shape)
     return x, x3, dy3, axis, transposed, dtype
 
 
@@ -579,8 +633,8 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=1, training=Tru
     Raises
     ------
     TypeError
-        Non-real data; a non-array ``out``; wrong ``out`` dtype; a masked array
-        with masked values as an input or ``out``.
+        Non-real data; ``training`` is not a bool; a non-array ``out``; wrong
+        ``out`` dtype; a masked array with masked values as an input or ``out``.
     ValueError
         Wrong shapes; fewer than 2 dimensions; a read-only ``out``.
     numpy.exceptions.AxisError
@@ -596,6 +650,7 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=1, training=Tru
     (array([0., 0.]), array([-1.]), array([1.]))
     """
     x, x3, dy3, axis, transposed, dtype = _gradient_inputs(dy, x, axis)
+    training = _flag(training, "training")
     features = x3.shape[1]
     mean = _per_feature(mean, "mean", features)
     invstd = _per_feature(invstd, "invstd", features)
@@ -604,13 +659,13 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=1, training=Tru
     dgamma = np.empty(features)
     dbeta = np.empty(features)
     params = _params(_kernels.BACKWARD_ROWS, x3)
-    _kernels.backward(dy3, x3, mean, invstd, gamma, bool(training), _chunks(x3.nbytes), _stream(dx3, (dy3, x3)), dx3, dgamma, dbeta, params)
+    _kernels.backward(dy3, x3, mean, invstd, gamma, training, _chunks(x3.nbytes), _stream(dx3, (dy3, x3)), dx3, dgamma, dbeta, params)
     # Sums over the batch overflow float16: its parameter gradients stay in float32.
     parameter_dtype = _compute_dtype(dtype)
     return (
         _finish(dx3, out, x.shape, transposed, dtype),
-        dgamma.astype(parameter_dtype),
-        dbeta.astype(parameter_dtype),
+        dgamma.astype(parameter_dtype, copy=False),
+        dbeta.astype(parameter_dtype, copy=False),
     )
 
 
@@ -661,7 +716,9 @@ def batch_norm_backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, c
     sum_dy, sum_dy_xhat : array_like, shape ``(features,)``
         :func:`batch_norm_backward_reduce` summed over all parts.
     count : int
-        Values per feature in the whole batch; at least 1.
+        Values per feature in the whole batch; at least 1. From
+        :func:`merge_stats`, whose ``count`` has one (equal) entry per feature:
+        ``count[0]``.
     axis, out
         As in :func:`batch_norm_backward`.
 
@@ -678,6 +735,8 @@ def batch_norm_backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, c
     sum_dy = _per_feature(sum_dy, "sum_dy", features)
     sum_dy_xhat = _per_feature(sum_dy_xhat, "sum_dy_xhat", features)
     count = _number(count, "count", 1.0, math.inf)
+    if not count.is_integer():
+        raise ValueError(f"count must be a whole number of values, got {count}")
     params = _params(_kernels.BACKWARD_ROWS, x3)
     _kernels.grad_params(mean, invstd, gamma, sum_dy, sum_dy_xhat, count, params)
     dx3 = _output(out, x, (x3, dy3), axis, transposed, dtype)

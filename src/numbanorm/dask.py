@@ -21,7 +21,7 @@ import dask.array as da
 import numpy as np
 
 from . import api
-from .api import _feature_axis, _number
+from .api import _feature_axis, _flag, _number
 
 __all__ = [
     "batch_norm_partial_stats",
@@ -367,7 +367,8 @@ def batch_norm_forward(
     Raises
     ------
     TypeError
-        ``x`` does not hold real numbers; ``axis``, ``eps`` or ``split_every`` has the wrong type.
+        ``x`` does not hold real numbers; ``axis``, ``eps``, ``training`` or ``split_every``
+        has the wrong type.
     ValueError
         Wrong shapes; several chunks or an unknown size along the feature axis; ``eps < 0``; fewer
         than 2 values per feature in training; running statistics given in
@@ -388,6 +389,7 @@ def batch_norm_forward(
     axis = _checked_axis(axis, x)
     features = x.shape[axis]
     eps = _number(eps, "eps", 0.0, math.inf)
+    training = _flag(training, "training")
     split_every = _split_every(split_every)  # checked in inference too, which does not use it
     gamma = _vector(np.ones(features) if gamma is None else gamma, "gamma", features)
     beta = _vector(np.zeros(features) if beta is None else beta, "beta", features)
@@ -478,7 +480,8 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=1, training=Tru
     Raises
     ------
     TypeError
-        Non-real data; ``axis`` or ``split_every`` is not an integer.
+        Non-real data; ``axis`` or ``split_every`` is not an integer; ``training``
+        is not a bool.
     ValueError
         Wrong shapes; several chunks or an unknown size along the feature axis.
     numpy.exceptions.AxisError
@@ -498,6 +501,7 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=1, training=Tru
     dy = _array(dy, "dy")
     axis = _checked_axis(axis, x)
     _check_same_shape(dy, x)
+    training = _flag(training, "training")
     features = x.shape[axis]
     mean = _vector(mean, "mean", features)
     invstd = _vector(invstd, "invstd", features)

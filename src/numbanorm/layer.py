@@ -4,7 +4,7 @@ import numbers
 
 import numpy as np
 
-from .api import _data, _number, batch_norm_backward, batch_norm_forward
+from .api import _compute_dtype, _data, _flag, _number, batch_norm_backward, batch_norm_forward
 
 __all__ = ["BatchNorm"]
 
@@ -29,14 +29,15 @@ class BatchNorm:
         Keep ``running_mean`` (initially 0) and ``running_var`` (initially 1) for
         inference. Without them the batch statistics are used in both modes.
     dtype : numpy dtype, default float32
-        dtype of the parameters and running statistics.
+        dtype of the parameters and running statistics: float16, float32 or float64.
 
     Attributes
     ----------
     gamma, beta : ndarray or None
         The parameters (``None`` when not ``affine``).
     dgamma, dbeta : ndarray or None
-        Their gradients, filled by :meth:`backward`.
+        Their gradients, filled by :meth:`backward`, in ``dtype`` (float32 for
+        float16, whose range a sum over a batch overflows).
     running_mean, running_var : ndarray or None
     num_batches_tracked : int
     training : bool
@@ -71,6 +72,8 @@ class BatchNorm:
             raise ValueError(f"num_features must be positive, got {num_features}")
         if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
             raise TypeError(f"axis must be an integer, got {axis!r}")
+        if dtype is None:  # np.dtype(None) would be float64
+            raise TypeError("dtype must be float16, float32 or float64, got None")
         dtype = np.dtype(dtype)
         if dtype.kind != "f" or dtype.itemsize > 8:
             raise TypeError(f"dtype must be float16, float32 or float64, got {dtype}")
@@ -78,8 +81,8 @@ class BatchNorm:
         self.axis = int(axis)
         self.eps = _number(eps, "eps", 0.0, np.inf)
         self.momentum = None if momentum is None else _number(momentum, "momentum", 0.0, 1.0)
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
+        self.affine = _flag(affine, "affine")
+        self.track_running_stats = _flag(track_running_stats, "track_running_stats")
         self.dtype = dtype
         self.gamma = np.ones(num_features, dtype) if affine else None
         self.beta = np.zeros(num_features, dtype) if affine else None
@@ -115,9 +118,11 @@ class BatchNorm:
         grows by one. What the backward needs (a reference to ``x``, not a copy,
         and the statistics) is kept until the next forward, but not in pickles or
         copies of the layer: do not modify ``x`` in place before calling :meth:`backward`.
-        ``x.shape[axis]`` must be ``num_features`` (``ValueError``).
+        ``x.shape[axis]`` must be ``num_features`` (``ValueError``); ``training`` is
+        ``None`` or a bool (``TypeError``).
         """
-        training = self.training if training is None else bool(training)
+        self._saved = None  # a forward that raises leaves no earlier batch for the backward
+        training = self.training if training is None else _flag(training, "training")
         # As in PyTorch: without running statistics the batch statistics serve in both modes.
         use_batch_stats = training or self.running_mean is None
         x = self._checked_input(x, use_batch_stats)
@@ -153,8 +158,9 @@ class BatchNorm:
         dx, dgamma, dbeta = self._functional_backward(
             dy, x, mean, invstd, self.gamma, axis=self.axis, training=use_batch_stats
         )
-        self.dgamma = dgamma.astype(self.dtype, copy=False)
-        self.dbeta = dbeta.astype(self.dtype, copy=False)
+        # In the parameters' dtype, but float32 for float16, whose range a sum over a batch overflows.
+        self.dgamma = dgamma.astype(_compute_dtype(self.dtype), copy=False)
+        self.dbeta = dbeta.astype(_compute_dtype(self.dtype), copy=False)
         return dx
 
     def _checked_input(self, x, use_batch_stats):
@@ -229,6 +235,8 @@ class BatchNorm:
             if batches.shape != () or batches.dtype.kind not in "iu":
                 raise TypeError(f"state['num_batches_tracked'] must be an integer, got {state['num_batches_tracked']!r}")
             batches = int(batches)
+            if batches < 0:
+                raise ValueError(f"state['num_batches_tracked'] must be at least 0, got {batches}")
         for name, value in arrays.items():
             getattr(self, _ATTRIBUTE[name])[...] = value
         if "num_batches_tracked" in state:

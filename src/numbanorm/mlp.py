@@ -57,6 +57,13 @@ def _integer(value, name, minimum=1):
     return int(value)
 
 
+def _finite(x, name):
+    """Refuse NaN and infinity in training data: the loss would turn NaN with no word of why."""
+    bad = np.count_nonzero(~np.isfinite(x))
+    if bad:
+        raise ValueError(f"{name} must be finite, got {bad} NaN or infinite values")
+
+
 # --- layers ----------------------------------------------------------------------------
 
 
@@ -561,6 +568,7 @@ def train(model, X, y, *, epochs, batch_size, lr, optimizer="sgd", momentum=0.0,
     """
     X = model._input(X)
     y = model._labels(y, len(X))
+    _finite(X, "X")
     epochs = _integer(epochs, "epochs")
     has_batch_norm = any(isinstance(layer, BatchNorm) for layer in model.layers)
     # Batch normalization needs two samples in a batch to have a variance.
@@ -573,6 +581,7 @@ def train(model, X, y, *, epochs, batch_size, lr, optimizer="sgd", momentum=0.0,
     if X_test is not None:
         X_test = model._input(X_test)
         y_test = model._labels(y_test, len(X_test))
+        _finite(X_test, "X_test")
     opt = _make_optimizer(optimizer, model.parameters(), lr, momentum)
     rng = np.random.default_rng(seed)
     history = {"train_loss": [], "epoch_test_accuracy": [], "epoch_seconds": []}
@@ -737,8 +746,8 @@ def _parser(prog="numbanorm-train"):
     add("--lr", type=_flag_type(float, lambda v: 0 < v < math.inf, "a positive number"),
         help="learning rate (default: 0.1 with sgd, 0.001 with adam)")
     add("--momentum", type=probability, default=0.0, help="SGD momentum (default: 0)")
-    add("--batch-size", type=_flag_type(int, lambda v: v >= 2, "an integer of at least 2"), default=60,
-        help="minibatch size (default: 60)")
+    add("--batch-size", type=positive_int, default=60,
+        help="minibatch size, at least 2 with batch normalization (default: 60)")
     add("--seed", type=_flag_type(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"), default=0,
         help="seeds the split, the initial weights, shuffling and dropout (default: 0)")
     add("--optimizer", choices=OPTIMIZERS, default="sgd", help="(default: sgd)")
@@ -777,6 +786,9 @@ def main(argv=None, prog="numbanorm-train"):
         parser.error("--compare trains both with and without batch norm; drop --no-batch-norm")
     if args.compare and args.save:
         parser.error("--save takes one model; drop --compare")
+    if args.batch_size < 2 and not args.no_batch_norm:
+        parser.error("--batch-size: batch normalization needs at least 2 samples in a batch, got 1 "
+                     "(only --no-batch-norm trains on single samples)")
     if args.optimizer == "adam" and args.momentum:
         parser.error("--momentum applies to --optimizer sgd only")
     lr = args.lr if args.lr is not None else {"sgd": 0.1, "adam": 0.001}[args.optimizer]

@@ -208,7 +208,7 @@ def batch_norm_forward(
     the global batch has fewer than 2 values per feature in training or the
     ranks disagree on the number of features.
     """
-    if not training:
+    if not api._flag(training, "training"):
         return api.batch_norm_forward(
             x, gamma, beta, axis=axis, eps=eps, training=False, running_mean=running_mean, running_var=running_var
         )
@@ -276,6 +276,7 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, comm=None, axis=1, t
     As :func:`numbanorm.batch_norm_backward`, on every rank.
     """
     comm = _communicator(comm)
+    training = api._flag(training, "training")  # like axis, the same on every rank
 
     def local_sums():
         sum_dy, sum_dy_xhat = api.batch_norm_backward_reduce(dy, x, mean, invstd, axis=axis)
