@@ -30,6 +30,11 @@ def run_python(code, **env):
     return result.stdout
 
 
+def line_of(code, marker):
+    """The line of ``code``, as ``run_python`` runs it, that holds ``marker``."""
+    return next(number for number, line in enumerate(textwrap.dedent(code).splitlines(), 1) if marker in line)
+
+
 def forward_backward(seed):
     rng = np.random.default_rng(seed)
     x = rng.normal(seed, 2.0, size=SHAPE).astype(np.float32)
@@ -191,6 +196,70 @@ def test_fastmath_off_compiles_without_fast_math_flags_and_off_the_disk_cache():
         NUMBANORM_FASTMATH="0",
     )
     assert out.split() == ["False", "True", "False"]
+
+
+def test_a_cache_that_cannot_be_written_is_one_warning_and_the_results_are_right(tmp_path):
+    # A full disk, as CI once had: Numba's cache cannot write its files. The kernels
+    # compiled, so the call returns its result, and the user hears of it once.
+    code = """
+        import errno, os, warnings
+        import numpy as np
+        from numba.core import caching
+
+        def full(self, path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+        caching.IndexDataCacheFile._open_for_write = full
+        import numbanorm
+        x = np.arange(24.0).reshape(6, 4) ** 1.5
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y, mean, invstd = numbanorm.batch_norm_forward(x)  # the call: compiles several kernels
+        for w in caught:
+            print(w.category.__name__, w.filename, w.lineno, str(w.message).replace(chr(10), " "))
+        expected = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5)
+        print("max error", np.abs(y - expected).max())
+        print("files", sorted(f for _, _, files in os.walk(os.environ["NUMBA_CACHE_DIR"]) for f in files))
+    """
+    out = run_python(code, NUMBA_CACHE_DIR=str(tmp_path))
+    lines = out.splitlines()
+    warned = [line for line in lines if line.startswith("RuntimeWarning")]
+    assert len(warned) == 1, out
+    assert warned[0].startswith(f"RuntimeWarning <string> {line_of(code, '# the call')} numbanorm's compiled kernels are not cached"), out
+    assert f"writing to {tmp_path}" in warned[0] and "failed: No space left on device)" in warned[0]
+    assert float(lines[-2].split()[-1]) < 1e-12
+    assert lines[-1] == "files []"
+
+
+def test_no_writable_cache_directory_is_one_warning_at_import_and_the_kernels_run_uncached():
+    # A read-only install with a read-only home: Numba finds nowhere to cache, which
+    # its ``cache=True`` makes an error at import.
+    code = """
+        import warnings
+        import numpy as np
+        from numba.core import caching
+
+        def read_only(self):
+            raise PermissionError(13, "Permission denied", self.get_cache_path())
+
+        caching._CacheLocator.ensure_cache_path = read_only
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import numbanorm  # warns here
+        for w in caught:
+            print(w.category.__name__, w.filename, w.lineno, str(w.message).replace(chr(10), " "))
+        from numbanorm import _kernels
+        print(type(_kernels.chan_merge._cache).__name__)
+        y, _, _ = numbanorm.batch_norm_forward(np.array([[1.0], [3.0]]))
+        print(y.ravel().round(4).tolist())
+    """
+    out = run_python(code)
+    lines = out.splitlines()
+    warned = [line for line in lines if line.startswith("RuntimeWarning")]
+    assert len(warned) == 1, out
+    assert warned[0].startswith(f"RuntimeWarning <string> {line_of(code, '# warns here')} numbanorm's compiled kernels are not cached"), out
+    assert "no writable cache directory" in warned[0]
+    assert lines[-2:] == ["NullCache", "[-1.0, 1.0]"]
 
 
 def test_import_compiles_nothing():

@@ -35,6 +35,7 @@ for any Numba code.
 """
 
 import ctypes
+import functools
 import glob
 import os
 import sys
@@ -55,6 +56,8 @@ FASTMATH = {"reassoc", "contract"} if _env_flag("NUMBANORM_FASTMATH", "1") else 
 if not FASTMATH:
     # Numba's cache does not key on compiler flags: a cached fastmath build would be loaded.
     CACHE = False
+
+
 def _count(name, default):
     value = os.environ.get(name, default).strip()
     try:
@@ -78,6 +81,57 @@ if "NUMBANORM_PARALLEL_MIN_SIZE" in os.environ:
         FutureWarning,
         stacklevel=2,
     )
+
+
+# Whether this process has warned that its kernels are not cached: once is enough.
+_CACHE_WARNED = False
+
+
+def _warn_not_cached(problem):
+    global _CACHE_WARNED
+    if _CACHE_WARNED:
+        return
+    _CACHE_WARNED = True
+    warnings.warn(
+        f"numbanorm's compiled kernels are not cached on disk ({problem}): they run, but every new process "
+        "compiles them again, tens of seconds per dtype. Free some space, or set NUMBA_CACHE_DIR to a "
+        "writable directory; NUMBANORM_CACHE=0 turns the cache, and this warning, off.",
+        RuntimeWarning,
+        stacklevel=_outside_package_stacklevel(),
+    )
+
+
+@functools.cache
+def _cache_class():
+    from numba.core.caching import FunctionCache
+
+    class Cache(FunctionCache):
+        """Numba's per-function cache, whose failure to write is a warning."""
+
+        def save_overload(self, sig, data):
+            try:
+                super().save_overload(sig, data)
+            except OSError as error:
+                _warn_not_cached(f"writing to {self.cache_path} failed: {error.strerror or error}")
+
+    return Cache
+
+
+def cache_on_disk(dispatcher):
+    """Give a Numba dispatcher the on-disk cache of ``cache=True``, with failures as a warning.
+
+    Numba's own cache raises ``OSError`` from the call that compiled when it
+    cannot write the file (a full disk, a quota), and ``RuntimeError`` from the
+    decorator, at import, when it finds no writable directory (a read-only
+    install and a read-only home). The kernel itself is fine in both cases, and
+    the cache only spares the next process the compile, so here each is one
+    ``RuntimeWarning`` per process, and the kernels run uncached.
+    """
+    try:
+        dispatcher._cache = _cache_class()(dispatcher.py_func)
+    except RuntimeError as error:  # Numba: "cannot cache function ...: no locator available ..."
+        _warn_not_cached(f"no writable cache directory: {error}")
+    return dispatcher
 
 
 def _tbb_libraries():
@@ -125,11 +179,25 @@ def preload_tbb():
         return
 
 
+def _importlib_frame(frame):
+    """Whether ``warnings`` leaves ``frame`` out when it counts a ``stacklevel``."""
+    filename = frame.f_code.co_filename
+    return "importlib" in filename and "_bootstrap" in filename
+
+
 def _outside_package_stacklevel():
-    """The ``stacklevel`` of the first frame outside numbanorm: a warning names the caller's line."""
+    """The ``stacklevel`` of the first frame outside numbanorm and Numba: a warning names the caller's line.
+
+    Counted as ``warnings`` counts, without the import machinery's frames, so
+    that a warning given while ``import numbanorm`` runs names the import.
+    """
     frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "numbanorm":
-        frame, level = frame.f_back, level + 1
+    while frame is not None and (
+        _importlib_frame(frame) or frame.f_globals.get("__name__", "").partition(".")[0] in ("numbanorm", "numba")
+    ):
+        frame = frame.f_back
+        if frame is not None and not _importlib_frame(frame):
+            level += 1
     return level
 
 

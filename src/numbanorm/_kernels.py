@@ -29,8 +29,9 @@ the forward's wide rows in groups, ``_row_groups``), stored plainly or, when
 import numpy as np
 from numba import njit, prange
 from numba.core.cpu import ParallelOptions
+from numba.core.dispatcher import Dispatcher
 
-from ._config import CACHE, FASTMATH
+from ._config import CACHE, FASTMATH, cache_on_disk
 from ._vectors import (
     ROWS,
     VECTOR_BYTES,
@@ -71,21 +72,39 @@ WIDE_ROW_BYTES = 16384
 # (``Literal[int](0)``), which made the cold compile seconds longer.
 ZERO = np.int64(0)
 
-_options = dict(cache=CACHE, fastmath=FASTMATH, nogil=True, error_model="numpy")
-jit = njit(**_options)
+
+
+def _jit(**options):
+    """``numba.njit`` with numbanorm's options, and the on-disk cache when ``NUMBANORM_CACHE`` is on.
+
+    The cache is ``_config.cache_on_disk``'s, not ``cache=True``'s: a cache that
+    cannot be written is then a warning, not an error from the call that compiled.
+    """
+    compile = njit(fastmath=FASTMATH, nogil=True, error_model="numpy", **options)
+
+    def decorate(func):
+        dispatcher = compile(func)
+        if CACHE and isinstance(dispatcher, Dispatcher):  # not a plain function (NUMBA_DISABLE_JIT)
+            cache_on_disk(dispatcher)
+        return dispatcher
+
+    return decorate
+
+
+jit = _jit()
 # Inlined into each caller in Numba's IR. The element-wise loops over ``inner`` runs are
 # written once and called with the output in place of an input when the two are one array:
 # LLVM then sees a single array (one value), which it vectorizes as it is. Given two arrays
 # it checks at run time whether they overlap, and runs the scalar loop when they do, the
 # same array included: an in-place pass was 1.4-4x slower. (The ``(N, C)`` passes' explicit
 # vectors load before they store, and need no such care.)
-inline_jit = njit(inline="always", **_options)
+inline_jit = _jit(inline="always")
 # Only explicit prange loops run in parallel: Numba would otherwise turn every
 # small array expression (``np.zeros``, ``a[:] = 0``) into a parallel region of
 # its own, each costing a thread-pool launch. (An options object, not a dict:
 # Numba pops the keys of a dict, so only the first compilation would see them.)
 _prange_only = dict.fromkeys(("comprehension", "reduction", "inplace_binop", "setitem", "numpy", "stencil", "fusion"), False)
-parallel_jit = njit(parallel=ParallelOptions(dict(_prange_only, prange=True)), **_options)
+parallel_jit = _jit(parallel=ParallelOptions(dict(_prange_only, prange=True)))
 
 
 @jit
