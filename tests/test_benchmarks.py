@@ -115,6 +115,7 @@ def test_the_report_runs_as_a_script_after_the_tests_cached_its_copy():
     # This process has compiled parallel_copy as benchmarks.report and cached it on
     # disk; the script must load that entry (it once failed: "No module named
     # 'benchmarks'", because the script ran the module as __main__).
+    pytest.importorskip("torch", reason="report.py compares against PyTorch, an optional benchmark peer")
     parallel_copy(np.zeros(3, np.float32), np.empty(3, np.float32), 1)  # the script's signature
     result = subprocess.run(
         [sys.executable, "benchmarks/report.py", "--quick", "--no-cold-start", "--shapes", "32x64",
