@@ -205,10 +205,9 @@ def test_unknown_chunk_sizes_with_too_few_values_raise_when_computed():
         selected = lazy_x[da.from_array(keep, chunks=7)]
         assert np.isnan(selected.shape[0])
         y, mean, invstd = nd.batch_norm_forward(selected)
-        with pytest.raises(ValueError, match="x must have more than 1 value per feature"):
-            compute(y)
-        with pytest.raises(ValueError, match="x must have more than 1 value per feature"):
-            compute(invstd)
+        for result in (y, mean, invstd):
+            with pytest.raises(ValueError, match="x must have more than 1 value per feature"):
+                compute(result)
 
 
 def test_statistics_of_no_values_raise_as_in_memory():
@@ -220,8 +219,23 @@ def test_statistics_of_no_values_raise_as_in_memory():
     x = da.from_array(data((20, 3), np.float64), chunks=(7, 3))
     selected = x[da.from_array(np.zeros(20, bool), chunks=7)]
     mean, var = nd.batch_norm_stats(selected)
-    with pytest.raises(ValueError, match="x must have at least 1 value per feature"):
-        compute(var)
+    for result in (mean, var):  # the mean of no values is not 0
+        with pytest.raises(ValueError, match="x must have at least 1 value per feature"):
+            compute(result)
+
+
+def test_no_features_give_what_in_memory_does():
+    x = np.zeros((4, 0, 2))
+    lazy_x = da.from_array(x, chunks=(2, 0, 1))
+    mean, invstd = np.zeros(0), np.ones(0)
+    pairs = [
+        (nd.batch_norm_forward(lazy_x), numbanorm.batch_norm_forward(x)),
+        (nd.batch_norm_stats(lazy_x), numbanorm.batch_norm_stats(x)),
+        (nd.batch_norm_backward(lazy_x, lazy_x, mean, invstd), numbanorm.batch_norm_backward(x, x, mean, invstd)),
+    ]
+    for lazy, in_memory in pairs:
+        for actual, wanted in zip(compute(*lazy), in_memory):
+            assert actual.shape == wanted.shape and actual.dtype == wanted.dtype
 
 
 def test_an_unknown_size_along_the_feature_axis_is_refused_with_the_fix():

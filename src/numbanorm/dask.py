@@ -168,7 +168,8 @@ def _unchanged(parts, axis, keepdims):
 
 def _merge_results(merge, parts, axis, keepdims):
     """``merge`` of the block results in ``parts`` (blocks along ``axis``, the leading axes)."""
-    merged = merge(parts.reshape((-1,) + parts.shape[len(axis) :]))
+    # The count of results spelled out: ``-1`` cannot be inferred when they are empty (no features).
+    merged = merge(parts.reshape((math.prod(parts.shape[: len(axis)]),) + parts.shape[len(axis) :]))
     return merged.reshape((1,) * len(axis) + merged.shape) if keepdims else merged
 
 
@@ -210,6 +211,21 @@ def _at_least_one_value(count):
     if count.size and count[0] < 1:
         raise ValueError("x must have at least 1 value per feature, got 0")
     return count
+
+
+def _after_check(value, checked_count):
+    """``value``, computed only once ``checked_count`` has passed its check."""
+    return value
+
+
+def _checked(mean, count, check):
+    """``mean`` and ``count``, both computed only once ``check(count)`` has passed.
+
+    An unknown chunk size hides how many values each feature has until the
+    count is computed: the mean, too, must then raise rather than be 0.
+    """
+    count = count.map_blocks(check, dtype=np.float64)
+    return da.map_blocks(_after_check, mean, count, dtype=np.float64), count
 
 
 def _merge_stats_blocks(parts):
@@ -295,7 +311,8 @@ def batch_norm_stats(x, *, axis=1, split_every=None):
     count, mean, m2 = batch_norm_partial_stats(x, axis=axis, split_every=split_every)
     if _values_per_feature(x.shape, axis) == 0:  # a NaN (unknown chunk sizes) passes, as in the forward
         raise ValueError(f"x must have at least 1 value per feature, got shape {x.shape}")
-    return mean, m2 / count.map_blocks(_at_least_one_value, dtype=np.float64)
+    mean, count = _checked(mean, count, _at_least_one_value)
+    return mean, m2 / count
 
 
 # --- forward and backward --------------------------------------------------------------
@@ -406,7 +423,8 @@ def batch_norm_forward(
                 f"with feature axis {axis}"
             )
         count, mean, m2 = batch_norm_partial_stats(x, axis=axis, split_every=split_every)
-        var = m2 / count.map_blocks(_at_least_two_values, dtype=np.float64)
+        mean, count = _checked(mean, count, _at_least_two_values)
+        var = m2 / count
     else:
         if running_mean is None or running_var is None:
             raise ValueError("inference (training=False) needs running_mean and running_var")
