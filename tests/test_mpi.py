@@ -157,8 +157,28 @@ FUNCTIONAL_SCRIPT = """
         layer.backward(np.ones((4, 3)))
     except Exception as error:
         errors["layer-backward"] = [type(error).__name__, str(error)]
+    # A training flag that is not a bool, on rank 1 only: it looks true, so it raises where rank 0
+    # waits, in the training collective.
+    try:
+        numbanorm.mpi.batch_norm_forward(np.ones((4, 3)), training=True if rank == 0 else "yes")
+    except Exception as error:
+        errors["training-forward"] = [type(error).__name__, str(error)]
+    try:
+        numbanorm.mpi.batch_norm_backward(np.ones((4, 3)), np.ones((4, 3)), np.zeros(3), np.ones(3),
+                                          training=True if rank == 0 else 1)
+    except Exception as error:
+        errors["training-backward"] = [type(error).__name__, str(error)]
+    try:
+        numbanorm.mpi.SyncBatchNorm(3).forward(np.ones((4, 3)), training=True if rank == 0 else "yes")
+    except Exception as error:
+        errors["training-layer"] = [type(error).__name__, str(error)]
     with open(f"{out}/errors-{rank}.json", "w") as f:
         json.dump(errors, f)
+
+    # No values on any rank: the backward gives what the in-memory one does.
+    empty = np.ones((0, 3))
+    dx0, dgamma0, dbeta0 = numbanorm.mpi.batch_norm_backward(empty, empty, np.zeros(3), np.ones(3))
+    np.savez(f"{out}/empty-backward-{rank}.npz", dx=dx0, dgamma=dgamma0, dbeta=dbeta0)
 
     # float16: the global batch's sums (80000 values a feature, dy = 1) pass float16's largest value, 65504.
     x16 = np.random.default_rng(rank).normal(size=(40000, 2)).astype(np.float16)
@@ -266,8 +286,20 @@ def test_an_error_on_one_rank_raises_on_every_rank(results):
     assert errors[1]["layer-features"][0] == "ValueError" and "num_features=3" in errors[1]["layer-features"][1]
     assert errors[1]["layer-dtype"][0] == "TypeError" and "x must" in errors[1]["layer-dtype"][1]
     assert errors[1]["layer-backward"] == ["RuntimeError", "backward needs a forward first"]
-    for check in ("layer-features", "layer-dtype", "layer-backward"):
+    for check in ("layer-features", "layer-dtype", "layer-backward", "training-forward", "training-backward",
+                  "training-layer"):
         assert errors[0][check][0] == "RuntimeError" and "rank 1 of 2 failed" in errors[0][check][1]
+    for check in ("training-forward", "training-backward", "training-layer"):
+        assert errors[1][check][0] == "TypeError" and "training must be a bool" in errors[1][check][1]
+
+
+def test_a_backward_with_no_values_on_any_rank_gives_what_in_memory_does(results):
+    empty = np.ones((0, 3))
+    wanted = numbanorm.batch_norm_backward(empty, empty, np.zeros(3), np.ones(3))
+    for rank_results in load(results, "empty-backward"):
+        for actual, expected in zip((rank_results["dx"], rank_results["dgamma"], rank_results["dbeta"]), wanted):
+            assert actual.shape == expected.shape and actual.dtype == expected.dtype
+            np.testing.assert_array_equal(actual, expected)
 
 
 def test_float16_parameter_gradients_over_the_global_batch_do_not_overflow(results):

@@ -122,7 +122,7 @@ class BatchNorm:
         ``None`` or a bool (``TypeError``).
         """
         self._saved = None  # a forward that raises leaves no earlier batch for the backward
-        training = self.training if training is None else _flag(training, "training")
+        training = self._mode(training)
         # As in PyTorch: without running statistics the batch statistics serve in both modes.
         use_batch_stats = training or self.running_mean is None
         x = self._checked_input(x, use_batch_stats)
@@ -162,6 +162,10 @@ class BatchNorm:
         self.dgamma = dgamma.astype(_compute_dtype(self.dtype), copy=False)
         self.dbeta = dbeta.astype(_compute_dtype(self.dtype), copy=False)
         return dx
+
+    def _mode(self, training):
+        """The mode of one forward: ``training`` (a bool), or the layer's when it is ``None``."""
+        return self.training if training is None else _flag(training, "training")
 
     def _checked_input(self, x, use_batch_stats):
         """``x`` as an array, with ``num_features`` on the feature axis (``ValueError`` naming ``x`` otherwise).

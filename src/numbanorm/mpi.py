@@ -15,7 +15,11 @@ replicas stay identical.
 
 All ranks of ``comm`` must call these functions together. An argument error on
 one rank is raised on every rank (as ``RuntimeError`` on the others) instead of
-leaving them waiting in a collective.
+leaving them waiting in a collective. The exception is the forward's
+``training``, which decides whether there is a collective at all: ranks that
+disagree on it (``True`` on one, ``False`` on another) leave the training ones
+waiting. (A ``training`` that is not a bool raises on every rank when it looks
+true, ``1`` or ``"yes"``, and on its own rank when it looks false.)
 
 Example, run with ``mpiexec -n 2 python script.py``::
 
@@ -105,6 +109,19 @@ def _checked_on_every_rank(check, comm):
     result = []
     allgather_checked(lambda: result.append(check()), comm)
     return result[0]
+
+
+def _means_training(training):
+    """Whether ``training`` asks for the batch statistics' collective: its truth value, when it has one.
+
+    A ``training`` that is not a bool raises (``api._flag``), but on one rank
+    only, it must raise where the other ranks are: in the collective when it
+    looks true (``1``, ``"yes"``), as they most likely pass ``True``.
+    """
+    try:
+        return bool(training)
+    except Exception:  # noqa: BLE001 - an array of several values, say: the collective reports it
+        return True
 
 
 def _same_features(parts, comm):
@@ -208,14 +225,15 @@ def batch_norm_forward(
     the global batch has fewer than 2 values per feature in training or the
     ranks disagree on the number of features.
     """
-    if not api._flag(training, "training"):
+    if not _means_training(training):  # inference: no collective, so the functional API's checks suffice
         return api.batch_norm_forward(
-            x, gamma, beta, axis=axis, eps=eps, training=False, running_mean=running_mean, running_var=running_var
+            x, gamma, beta, axis=axis, eps=eps, training=training, running_mean=running_mean, running_var=running_var
         )
     comm = _communicator(comm)
 
     def local_stats():
         # Every check that could fail on one rank only runs before the collective.
+        api._flag(training, "training")
         _number(eps, "eps", 0.0, math.inf)
         _number(momentum, "momentum", 0.0, 1.0)
         if (running_mean is None) != (running_var is None):
@@ -267,18 +285,20 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, comm=None, axis=1, t
     dx : ndarray
         This rank's part of the gradient of the loss over the global batch.
     dgamma, dbeta : ndarray, shape ``(features,)``
-        Summed over the global batch, the same on every rank, in the dtype of
-        ``dx`` (float32 for float16, whose range a sum over a batch overflows),
-        as :func:`numbanorm.batch_norm_backward` returns them.
+        Summed over the global batch, in the dtype of ``dx`` (float32 for
+        float16, whose range a sum over a batch overflows), as
+        :func:`numbanorm.batch_norm_backward` returns them: the same on every
+        rank whose ``dx`` has the same dtype (ranks with float16 and float64
+        data get the same float64 sums, rounded differently).
 
     Raises
     ------
     As :func:`numbanorm.batch_norm_backward`, on every rank.
     """
     comm = _communicator(comm)
-    training = api._flag(training, "training")  # like axis, the same on every rank
 
     def local_sums():
+        api._flag(training, "training")
         sum_dy, sum_dy_xhat = api.batch_norm_backward_reduce(dy, x, mean, invstd, axis=axis)
         features = sum_dy.shape[0]
         if gamma is not None:
@@ -290,9 +310,9 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, comm=None, axis=1, t
     _same_features(parts, comm)
     sum_dy, sum_dy_xhat, count = (np.sum([part[i] for part in parts], axis=0) for i in range(3))
     if training:
-        dx = api.batch_norm_backward_elemt(
-            dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, count[0] if count.size else 1, axis=axis
-        )
+        # No values on any rank (or no features): dx is empty, and any count will do.
+        total = count[0] if count.size and count[0] > 0 else 1
+        dx = api.batch_norm_backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, total, axis=axis)
     else:
         dx, _, _ = api.batch_norm_backward(dy, x, mean, invstd, gamma, axis=axis, training=False)
     sums_dtype = api._compute_dtype(dx.dtype)
@@ -341,10 +361,19 @@ class SyncBatchNorm(BatchNorm):
     def __repr__(self):
         return "Sync" + super().__repr__()
 
-    # The layer checks its input, and that a forward came first, before the functional forward
-    # and backward: a rank that raised there would leave the others waiting in their collective.
-    # Both checks run on every rank together when a collective follows (the forward with the
-    # batch statistics; every backward).
+    # The layer checks its mode, its input, and that a forward came first, before the functional
+    # forward and backward: a rank that raised there would leave the others waiting in their
+    # collective. The checks run on every rank together when a collective follows (the forward
+    # with the batch statistics; every backward).
+
+    def _mode(self, training):
+        if training is None or isinstance(training, (bool, np.bool_)) or not (
+            _means_training(training) or self.running_mean is None
+        ):
+            return super()._mode(training)
+        # A bad ``training`` that asks for the batch statistics raises where the other ranks are:
+        # in the collective of ``_checked_input``.
+        return _checked_on_every_rank(functools.partial(super()._mode, training), self.comm)
 
     def _checked_input(self, x, use_batch_stats):
         check = functools.partial(super()._checked_input, x, use_batch_stats)
