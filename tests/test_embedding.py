@@ -262,6 +262,13 @@ def test_no_writable_cache_directory_is_one_warning_at_import_and_the_kernels_ru
     assert lines[-2:] == ["NullCache", "[-1.0, 1.0]"]
 
 
+def test_every_kernel_releases_the_gil():
+    # What lets threads (a thread pool, a data loader) run numbanorm side by side.
+    kernels = {name: f for name, f in vars(numbanorm._kernels).items() if isinstance(f, numba.core.dispatcher.Dispatcher)}
+    assert len(kernels) > 20
+    assert [name for name, f in kernels.items() if not f.targetoptions.get("nogil")] == []
+
+
 def test_import_compiles_nothing():
     out = run_python(
         """
@@ -293,6 +300,37 @@ def test_kernels_call_each_other_without_literal_arguments():
     ]
     assert len(jitted) > 10
     assert literal_calls == []
+
+
+def test_outputs_into_out_or_in_place_allocate_no_array():
+    # tracemalloc sees NumPy's allocations (the kernels' own are a few per-feature rows).
+    import tracemalloc
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(4096, 64)).astype(np.float32)
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    out = np.empty_like(x)
+    _, mean, invstd = numbanorm.batch_norm_forward(x)
+    running = np.zeros(64), np.ones(64)
+    calls = {
+        "forward into out": lambda: numbanorm.batch_norm_forward(x, out=out),
+        "forward in place": lambda: numbanorm.batch_norm_forward(out, out=out),
+        "inference into out": lambda: numbanorm.batch_norm_forward(
+            x, training=False, running_mean=running[0], running_var=running[1], out=out
+        ),
+        "backward into out": lambda: numbanorm.batch_norm_backward(dy, x, mean, invstd, out=out),
+        "backward in place": lambda: numbanorm.batch_norm_backward(out, x, mean, invstd, out=out),
+    }
+    peaks = {}
+    for name, call in calls.items():
+        call()  # compiled, and any lazily built state built
+        tracemalloc.start()
+        try:
+            call()
+            peaks[name] = tracemalloc.get_traced_memory()[1] / x.nbytes
+        finally:
+            tracemalloc.stop()
+    assert max(peaks.values()) < 0.1, peaks
 
 
 def test_forward_then_backward_allocates_no_full_size_temporaries():

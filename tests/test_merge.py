@@ -114,11 +114,12 @@ def test_merge_stays_accurate_when_the_mean_dwarfs_the_spread():
     x = (1e8 + rng.normal(0.0, 1e-3, size=(10_000, 2))).astype(np.float64)
     parts = [numbanorm.batch_norm_partial_stats(piece) for piece in np.array_split(x, 7)]
     count, mean, m2 = numbanorm.merge_stats(parts)
-    # x - 1e8 is exact, so the reference of the shifted data is accurate; the data
-    # themselves carry only about 5 digits of their spread.
+    # x - 1e8 is exact, so the reference of the shifted data is accurate. The mean is within
+    # a few of its spacing at 1e8 (1.5e-8: 5.5e-9 measured); the variance loses a little to
+    # the merges' differences of means rounded near 1e8 (1.3e-7 of it, measured).
     expected_mean, expected_var = reference.stats(x - 1e8)
-    np.testing.assert_allclose(mean - 1e8, expected_mean, rtol=0, atol=1e-14 * 1e8)
-    np.testing.assert_allclose(m2 / count, expected_var, rtol=1e-4)
+    np.testing.assert_allclose(mean - 1e8, expected_mean, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(m2 / count, expected_var, rtol=1e-6)
 
 
 def test_merge_stats_rejects_no_parts_and_mismatched_parts():
