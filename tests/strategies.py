@@ -77,7 +77,7 @@ def with_layout(a, layout):
     if layout == "reversed":
         return np.ascontiguousarray(a[..., ::-1])[..., ::-1]
     if layout == "permuted":
-        order = tuple(reversed(range(a.ndim)))[1:] + (a.ndim - 1,)
+        order = tuple(range(1, a.ndim)) + (0,)  # the first axis varies fastest in memory
         return np.ascontiguousarray(a.transpose(order)).transpose(np.argsort(order))
     if layout == "unaligned":
         buffer = np.zeros(a.nbytes + 1, dtype=np.uint8)
