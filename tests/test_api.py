@@ -1138,6 +1138,9 @@ def test_bad_input_raises_naming_the_argument_and_modifies_nothing(name, call, e
     with pytest.raises(exception, match=rf"\b{argument}\b"):
         call(x)
     np.testing.assert_array_equal(x, X)
+    # The shared arguments too: running statistics and outputs that a refused call must not touch.
+    for array, value in ((ZEROS, 0.0), (ONES, 1.0), (_SHARED, 1.0), (_OUT, 0.0)):
+        np.testing.assert_array_equal(array, value)
 
 
 @pytest.mark.skipif(np.dtype(np.longdouble).itemsize <= 8, reason="longdouble is float64 on this platform")
