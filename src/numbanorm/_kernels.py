@@ -73,7 +73,6 @@ WIDE_ROW_BYTES = 16384
 ZERO = np.int64(0)
 
 
-
 def _jit(**options):
     """``numba.njit`` with numbanorm's options, and the on-disk cache when ``NUMBANORM_CACHE`` is on.
 

@@ -367,13 +367,13 @@ class SyncBatchNorm(BatchNorm):
     # with the batch statistics; every backward).
 
     def _mode(self, training):
-        if training is None or isinstance(training, (bool, np.bool_)) or not (
-            _means_training(training) or self.running_mean is None
-        ):
-            return super()._mode(training)
-        # A bad ``training`` that asks for the batch statistics raises where the other ranks are:
-        # in the collective of ``_checked_input``.
-        return _checked_on_every_rank(functools.partial(super()._mode, training), self.comm)
+        # A bad ``training`` raises where the other ranks are: in the collective of
+        # ``_checked_input`` when it asks for the batch statistics (it looks true, or the layer
+        # has no running statistics), on this rank alone otherwise.
+        bad = training is not None and not isinstance(training, (bool, np.bool_))
+        if bad and (_means_training(training) or self.running_mean is None):
+            return _checked_on_every_rank(functools.partial(super()._mode, training), self.comm)
+        return super()._mode(training)
 
     def _checked_input(self, x, use_batch_stats):
         check = functools.partial(super()._checked_input, x, use_batch_stats)
