@@ -555,8 +555,12 @@ def test_float32_is_accurate_when_the_mean_dwarfs_the_spread(std):
     assert np.abs(y4 - reference.forward(x4)[0]).max() <= 1e-5
 
 
+# (N, C), NCHW and channels-last: the three kernel layouts the offset tests below run on.
+OFFSET_LAYOUTS = [((4096, 16), 1), ((64, 8, 7, 9), 1), ((64, 7, 9, 8), -1)]
+
+
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("shape, axis", [((4096, 16), 1), ((64, 8, 7, 9), 1), ((64, 7, 9, 8), -1)])
+@pytest.mark.parametrize("shape, axis", OFFSET_LAYOUTS)
 def test_float32_backward_is_accurate_when_the_mean_dwarfs_the_spread(shape, axis, path):
     # The backward's offset carries the mean's rounding (lo * invstd * xhat_scale), a term
     # that matters only when mean(dy * xhat) does: dy as a loss near its minimum gives it,
@@ -577,7 +581,7 @@ def test_float32_backward_is_accurate_when_the_mean_dwarfs_the_spread(shape, axi
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("shape, axis", [((4096, 16), 1), ((64, 8, 7, 9), 1), ((64, 7, 9, 8), -1)])
+@pytest.mark.parametrize("shape, axis", OFFSET_LAYOUTS)
 def test_float32_inference_keeps_the_digits_of_float64_running_statistics(shape, axis, path):
     # A float64 running mean near 1e4 has digits float32 cannot hold (its spacing there is
     # 1e-3): inference carries them in the shift, as training does with the batch mean.

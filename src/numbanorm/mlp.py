@@ -59,7 +59,7 @@ def _integer(value, name, minimum=1):
 
 def _finite(x, name):
     """Refuse NaN and infinity in training data: the loss would turn NaN with no word of why."""
-    bad = np.count_nonzero(~np.isfinite(x))
+    bad = x.size - np.count_nonzero(np.isfinite(x))  # one boolean temporary, not two
     if bad:
         raise ValueError(f"{name} must be finite, got {bad} NaN or infinite values")
 
