@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import numba
 import numpy as np
@@ -219,7 +220,8 @@ def test_a_cache_that_cannot_be_written_is_one_warning_and_the_results_are_right
             print(w.category.__name__, w.filename, w.lineno, str(w.message).replace(chr(10), " "))
         expected = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5)
         print("max error", np.abs(y - expected).max())
-        print("files", sorted(f for _, _, files in os.walk(os.environ["NUMBA_CACHE_DIR"]) for f in files))
+        entries = [f for _, _, files in os.walk(os.environ["NUMBA_CACHE_DIR"]) for f in files if f.endswith((".nbi", ".nbc"))]
+        print("files", sorted(entries))  # (the empty numbanorm.lock is no entry)
     """
     out = run_python(code, NUMBA_CACHE_DIR=str(tmp_path))
     lines = out.splitlines()
@@ -260,6 +262,58 @@ def test_no_writable_cache_directory_is_one_warning_at_import_and_the_kernels_ru
     assert warned[0].startswith(f"RuntimeWarning <string> {line_of(code, '# warns here')} numbanorm's compiled kernels are not cached"), out
     assert "no writable cache directory" in warned[0]
     assert lines[-2:] == ["NullCache", "[-1.0, 1.0]"]
+
+
+# A process that compiles one signature of ``_kernels._bounds`` into the cache, its save held
+# until a common start time, then slowed between reading the index, writing it, and writing
+# the code: the order in which two processes without a lock would corrupt the cache.
+RACING_WRITER = """
+    import os, sys, time
+    from numba.core import caching
+
+    start, index_delay, data_delay, kind = float(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+    files = caching.IndexDataCacheFile
+    save, save_index, save_data = files.save, files._save_index, files._save_data
+
+    def held_save(self, key, data):
+        time.sleep(max(0.0, start - time.time()))
+        save(self, key, data)
+
+    def slow_save_index(self, overloads):
+        time.sleep(index_delay)
+        save_index(self, overloads)
+
+    def slow_save_data(self, name, data):
+        time.sleep(data_delay)
+        save_data(self, name, data)
+
+    files.save, files._save_index, files._save_data = held_save, slow_save_index, slow_save_data
+    from numbanorm import _kernels
+    print(_kernels._bounds(10, 3, 1) if kind == "int" else _kernels._bounds(10.0, 3.0, 1.0))
+"""
+
+
+def test_processes_compiling_into_one_cache_at_once_leave_it_consistent(tmp_path):
+    # Without a lock: both read an empty index and take data file 1; the index last written
+    # (float's) then names the code last written (int's), which a later process runs for
+    # floats. numbanorm's writes take turns (``_config._locked``).
+    script = tmp_path / "writer.py"
+    script.write_text(textwrap.dedent(RACING_WRITER))
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    start = time.time() + 15  # both have compiled by then
+    writers = [
+        subprocess.Popen([sys.executable, str(script), str(start), *delays], env=env, stdout=subprocess.PIPE, text=True)
+        for delays in (("0.2", "1.0", "int"), ("0.6", "0.0", "float"))
+    ]
+    assert [writer.communicate(timeout=120)[0].split() for writer in writers] == [["(3,", "6)"], ["(3.0,", "6.0)"]]
+    out = run_python(
+        """
+        from numbanorm import _kernels
+        print(_kernels._bounds(10, 3, 1), _kernels._bounds(10.0, 3.0, 1.0), sum(_kernels._bounds.stats.cache_hits.values()))
+        """,
+        NUMBA_CACHE_DIR=str(tmp_path / "cache"),
+    )
+    assert out.split() == ["(3,", "6)", "(3.0,", "6.0)", "2"]  # both loaded from the cache, each its own code
 
 
 def test_every_kernel_releases_the_gil():

@@ -34,12 +34,18 @@ and ``numba.set_num_threads`` (which holds for the thread that calls it) apply a
 for any Numba code.
 """
 
+import contextlib
 import ctypes
 import functools
 import glob
 import os
 import sys
 import warnings
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: Numba's cache writes as it does (see ``_locked``)
+    fcntl = None
 
 
 def _env_flag(name, default):
@@ -101,16 +107,39 @@ def _warn_not_cached(problem):
     )
 
 
+@contextlib.contextmanager
+def _locked(directory):
+    """An exclusive lock on ``directory``'s lock file, for one process at a time (POSIX only).
+
+    Numba writes a function's cache entry as a read-modify-write of its index
+    (which numbers the data files) and then the data file, without a lock: two
+    processes that compile different signatures at once can both take number 1,
+    and the index of one then names the other's code, which a later process
+    loads and runs (numba#4807; a SIGSEGV here, after the MPI tests' two ranks
+    compiled into one cold cache).
+    """
+    if fcntl is None:
+        yield
+        return
+    with open(os.path.join(directory, "numbanorm.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @functools.cache
 def _cache_class():
     from numba.core.caching import FunctionCache
 
     class Cache(FunctionCache):
-        """Numba's per-function cache, whose failure to write is a warning."""
+        """Numba's per-function cache, whose writes take turns and whose failure to write is a warning."""
 
         def save_overload(self, sig, data):
             try:
-                super().save_overload(sig, data)
+                with _locked(self.cache_path):
+                    super().save_overload(sig, data)
             except OSError as error:
                 _warn_not_cached(f"writing to {self.cache_path} failed: {error.strerror or error}")
 
@@ -118,7 +147,10 @@ def _cache_class():
 
 
 def cache_on_disk(dispatcher):
-    """Give a Numba dispatcher the on-disk cache of ``cache=True``, with failures as a warning.
+    """Give a Numba dispatcher the on-disk cache of ``cache=True``, safe across processes, with failures as a warning.
+
+    Writes from several processes into one cache directory take turns
+    (``_locked``).
 
     Numba's own cache raises ``OSError`` from the call that compiled when it
     cannot write the file (a full disk, a quota), and ``RuntimeError`` from the
