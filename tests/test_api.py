@@ -862,7 +862,7 @@ def test_inference_backward_does_not_read_x():
 def test_large_arrays_take_the_parallel_path_and_match():
     rng = np.random.default_rng(5)
     # Also rows wider than the kernels' feature tile, with a ragged last tile.
-    for shape, axis in [((40000, 7), 1), ((30, 5, 1000), 1), ((20, 30, 30, 9), -1), ((50, 2500), 1), ((100, 1030), 1)]:
+    for shape, axis in [((40000, 7), 1), ((30, 5, 2000), 1), ((40, 30, 30, 9), -1), ((120, 2500), 1), ((260, 1030), 1)]:
         x = rng.normal(3, 2, size=shape).astype(np.float32)
         assert api._chunks(x.nbytes) == numba.get_num_threads()
         y, mean, invstd = numbanorm.batch_norm_forward(x, axis=axis)

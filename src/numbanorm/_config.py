@@ -10,10 +10,15 @@
     ``0`` turns it off (and the on-disk cache with it, which holds the default
     build).
 ``NUMBANORM_PARALLEL_MIN_BYTES``
-    Arrays smaller than this many bytes (default 393216, 384 KiB) run on one
-    thread: waking the thread pool costs more than it saves on them. (On the
-    2-core machine the benchmarks ran on, 256 KiB arrays were 5-20 % faster on
-    one thread and 512 KiB arrays 5-30 % faster on two, whatever the dtype.)
+    Arrays smaller than this many bytes (default 1048576, 1 MiB) run on one
+    thread: waking the thread pool costs more than it saves on them. On the
+    2-core machines the benchmarks ran on, a TBB parallel region whose work
+    takes microseconds cost about 8 us more than on one thread (an empty one
+    2.6 us: the worker wakes only when it has work), and the training forward
+    and the backward have two regions each. On the latest, 512 KiB arrays
+    were 15-37 % faster on one thread and 1 MiB arrays 0-15 % slower, whatever
+    the dtype and the operation; on an earlier machine 512 KiB arrays were
+    5-30 % faster on two, and 384 KiB was the default.
     ``NUMBANORM_PARALLEL_MIN_SIZE``, its former name (a count of values), is not
     read; setting it gives a ``FutureWarning``.
 ``NUMBANORM_STREAM_MIN_BYTES``
@@ -75,7 +80,7 @@ def _count(name, default):
     return count
 
 
-PARALLEL_MIN_BYTES = _count("NUMBANORM_PARALLEL_MIN_BYTES", "393216")
+PARALLEL_MIN_BYTES = _count("NUMBANORM_PARALLEL_MIN_BYTES", "1048576")
 STREAM_MIN_BYTES = _count("NUMBANORM_STREAM_MIN_BYTES", "33554432")
 if "NUMBANORM_PARALLEL_MIN_SIZE" in os.environ:
     # The threshold was a count of values before 0.1.0 settled on bytes; a count means
