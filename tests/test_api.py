@@ -85,8 +85,10 @@ def forward_cases(draw, training=None):
         x = (x + offsets).astype(dtype)
     layout = draw(st.sampled_from(LAYOUTS))
     affine = draw(st.booleans())
-    gamma = rng.uniform(-3, 3, features) if affine else None
-    beta = rng.uniform(-3, 3, features) if affine else None
+    # float32 parameters reach the kernels unconverted, a compilation of their own.
+    parameter_dtype = draw(st.sampled_from([np.float64, np.float32]))
+    gamma = rng.uniform(-3, 3, features).astype(parameter_dtype) if affine else None
+    beta = rng.uniform(-3, 3, features).astype(parameter_dtype) if affine else None
     training = draw(st.booleans()) if training is None else training
     return x, with_layout(x, layout), axis, gamma, beta, training, rng
 

@@ -593,10 +593,20 @@ def normalize(x, params, chunks, stream, y):
 
 
 @jit
-def forward_train(x, gamma, beta, eps, chunks, stream, y, mean, var, invstd, params):
+def new_params(rows, x):
+    """Scratch for ``rows`` per-feature rows in ``x``'s dtype, padded (``PARAMS_PAD``).
+
+    Allocated here rather than by the caller: a NumPy call from Python costs
+    small arrays a third of a microsecond, as much as the work on a 32x64 batch.
+    """
+    return np.empty((rows, x.shape[1] + PARAMS_PAD), dtype=x.dtype)
+
+
+@jit
+def forward_train(x, gamma, beta, eps, chunks, stream, y, mean, var, invstd):
     """Batch statistics of ``x`` into ``mean``/``var``/``invstd``, then ``y``.
 
-    ``var`` is the biased variance; ``params`` (``FORWARD_ROWS`` rows, ``x``'s dtype) is scratch;
+    ``var`` is the biased variance; ``gamma``/``beta`` may be float32 or float64;
     ``stream``: see ``normalize``.
     Returns the number of values per feature.
     """
@@ -604,9 +614,18 @@ def forward_train(x, gamma, beta, eps, chunks, stream, y, mean, var, invstd, par
     var /= count
     for c in range(var.shape[0]):
         invstd[c] = 1.0 / np.sqrt(var[c] + eps)
+    params = new_params(FORWARD_ROWS, x)
     normalize_params(mean, invstd, gamma, beta, params)
     normalize(x, params, chunks, stream, y)
     return count
+
+
+@jit
+def inference(x, running_mean, running_var, eps, gamma, beta, chunks, stream, y, mean, invstd):
+    """``y`` normalized with the running statistics; ``mean``/``invstd`` as ``inference_params`` gives them."""
+    params = new_params(FORWARD_ROWS, x)
+    inference_params(running_mean, running_var, eps, gamma, beta, mean, invstd, params)
+    normalize(x, params, chunks, stream, y)
 
 
 @jit
@@ -892,14 +911,22 @@ def grad_params(mean, invstd, gamma, sum_dy, sum_dy_xhat, count, params):
 
 
 @jit
-def backward(dy, x, mean, invstd, gamma, training, chunks, stream, dx, dgamma, dbeta, params):
-    """Gradients of batch normalization into ``dx``, ``dgamma`` and ``dbeta`` (float64).
+def backward(dy, x, mean, invstd, gamma, training, chunks, stream, dx, dgamma, dbeta):
+    """Gradients of batch normalization into ``dx``, ``dgamma`` and ``dbeta``.
 
     Training: ``dx = gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))``.
     Inference (the statistics are constants): ``dx = gamma * invstd * dy``.
-    ``params`` (``BACKWARD_ROWS`` rows, ``dx``'s dtype) is scratch; ``stream``: see ``grad_input``.
+    ``gamma`` may be float32 or float64; ``dgamma``/``dbeta`` take the float64
+    sums rounded once to their own dtype; ``stream``: see ``grad_input``.
     """
-    grad_sums(dy, x, mean, chunks, dbeta, dgamma)
-    dgamma *= invstd  # sum(dy * (x - mean)) * invstd = sum(dy * xhat)
-    grad_params(mean, invstd, gamma, dbeta, dgamma, x.shape[0] * x.shape[2], params)
+    features = x.shape[1]
+    sum_dy = np.empty(features)
+    sum_dy_xhat = np.empty(features)
+    grad_sums(dy, x, mean, chunks, sum_dy, sum_dy_xhat)
+    for c in range(features):
+        sum_dy_xhat[c] *= invstd[c]  # sum(dy * (x - mean)) * invstd = sum(dy * xhat)
+        dgamma[c] = sum_dy_xhat[c]
+        dbeta[c] = sum_dy[c]
+    params = new_params(BACKWARD_ROWS, x)
+    grad_params(mean, invstd, gamma, sum_dy, sum_dy_xhat, x.shape[0] * x.shape[2], params)
     grad_input(dy, x, params, training, chunks, stream, dx)

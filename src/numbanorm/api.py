@@ -516,9 +516,9 @@ def batch_norm_forward(
     features = x.shape[axis]
     eps = _number(eps, "eps", 0.0, math.inf)
     training = _flag(training, "training")
-    # Inference's parameters go to ``inference_params``, which takes float32 as well.
-    gamma = np.ones(features) if gamma is None else _per_feature(gamma, "gamma", features, float32=not training)
-    beta = np.zeros(features) if beta is None else _per_feature(beta, "beta", features, float32=not training)
+    # The kernels take float32 parameters as well (``normalize_params``).
+    gamma = np.ones(features) if gamma is None else _per_feature(gamma, "gamma", features, float32=True)
+    beta = np.zeros(features) if beta is None else _per_feature(beta, "beta", features, float32=True)
     if training:
         momentum = _number(momentum, "momentum", 0.0, 1.0)
         if (running_mean is None) != (running_var is None):
@@ -550,19 +550,17 @@ def batch_norm_forward(
     y3 = _output(out, x, (x3,), axis, transposed, x.dtype)
     chunks = _chunks(x3.nbytes)
     stream = _stream(y3, (x3,), forward_into_new=out is None or not np.may_share_memory(y3, out))
-    params = _params(_kernels.FORWARD_ROWS, x3)
     if training:
         mean = np.empty(features)
         var = np.empty(features)
         invstd = np.empty(features)
-        _kernels.forward_train(x3, gamma, beta, eps, chunks, stream, y3, mean, var, invstd, params)
+        _kernels.forward_train(x3, gamma, beta, eps, chunks, stream, y3, mean, var, invstd)
         if running_mean is not None:
             _update_running(running_mean, running_var, mean, var, momentum, count)
     else:
         mean = np.empty(features)  # returned: a copy of the running mean, in float64
         invstd = np.empty(features)
-        _kernels.inference_params(*running, eps, gamma, beta, mean, invstd, params)
-        _kernels.normalize(x3, params, chunks, stream, y3)
+        _kernels.inference(x3, *running, eps, gamma, beta, chunks, stream, y3, mean, invstd)
     return _finish(y3, out, x.shape, transposed, x.dtype), mean, invstd
 
 
@@ -654,19 +652,13 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=1, training=Tru
     features = x3.shape[1]
     mean = _per_feature(mean, "mean", features)
     invstd = _per_feature(invstd, "invstd", features)
-    gamma = np.ones(features) if gamma is None else _per_feature(gamma, "gamma", features)
+    gamma = np.ones(features) if gamma is None else _per_feature(gamma, "gamma", features, float32=True)
     dx3 = _output(out, x, (x3, dy3), axis, transposed, dtype)
-    dgamma = np.empty(features)
-    dbeta = np.empty(features)
-    params = _params(_kernels.BACKWARD_ROWS, x3)
-    _kernels.backward(dy3, x3, mean, invstd, gamma, training, _chunks(x3.nbytes), _stream(dx3, (dy3, x3)), dx3, dgamma, dbeta, params)
-    # Sums over the batch overflow float16: its parameter gradients stay in float32.
-    parameter_dtype = _compute_dtype(dtype)
-    return (
-        _finish(dx3, out, x.shape, transposed, dtype),
-        dgamma.astype(parameter_dtype, copy=False),
-        dbeta.astype(parameter_dtype, copy=False),
-    )
+    # In the kernels' dtype: sums over the batch overflow float16, whose parameter gradients stay in float32.
+    dgamma = np.empty(features, x3.dtype)
+    dbeta = np.empty(features, x3.dtype)
+    _kernels.backward(dy3, x3, mean, invstd, gamma, training, _chunks(x3.nbytes), _stream(dx3, (dy3, x3)), dx3, dgamma, dbeta)
+    return _finish(dx3, out, x.shape, transposed, dtype), dgamma, dbeta
 
 
 def batch_norm_backward_reduce(dy, x, mean, invstd, *, axis=1):
