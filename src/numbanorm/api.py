@@ -164,6 +164,9 @@ def _transposes(a):
 
 
 def _shape3(shape, axis):
+    """``(outer, features, inner)``: the axes before ``axis`` merged, ``axis``, the axes after it merged."""
+    if axis == 1 and len(shape) == 2:  # (N, C): without the slices and products, which small arrays feel
+        return shape[0], shape[1], 1
     return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])
 
 
@@ -513,7 +516,8 @@ def batch_norm_forward(
     """
     x = _data(x, "x")
     axis = _feature_axis(axis, x)
-    features = x.shape[axis]
+    shape3 = _shape3(x.shape, axis)
+    features = shape3[1]
     eps = _number(eps, "eps", 0.0, math.inf)
     training = _flag(training, "training")
     # The kernels take float32 parameters as well (``normalize_params``).
@@ -530,7 +534,7 @@ def batch_norm_forward(
                     # y is written first: the update would read y, and write over it.
                     if isinstance(out, np.ndarray) and np.shares_memory(v, out):
                         raise ValueError(f"{name} must not share memory with out: both are written")
-        outer, _, inner = _shape3(x.shape, axis)
+        outer, _, inner = shape3
         count = outer * inner
         if count < 2:
             raise ValueError(
@@ -546,7 +550,7 @@ def batch_norm_forward(
         )
 
     transposed = _transposes(x)
-    x3 = _to_3d(x, axis, transposed, _compute_dtype(x.dtype))
+    x3 = _to_3d(x, axis, transposed, _compute_dtype(x.dtype), shape3)
     y3 = _output(out, x, (x3,), axis, transposed, x.dtype)
     chunks = _chunks(x3.nbytes)
     stream = _stream(y3, (x3,), forward_into_new=out is None or not np.may_share_memory(y3, out))
