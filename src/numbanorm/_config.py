@@ -14,11 +14,11 @@
     thread: waking the thread pool costs more than it saves on them. On the
     2-core machines the benchmarks ran on, a TBB parallel region whose work
     takes microseconds cost about 8 us more than on one thread (an empty one
-    2.6 us: the worker wakes only when it has work), and the training forward
-    and the backward have two regions each. On the latest, 512 KiB arrays
-    were 15-37 % faster on one thread and 1 MiB arrays 0-15 % slower, whatever
-    the dtype and the operation; on an earlier machine 512 KiB arrays were
-    5-30 % faster on two, and 384 KiB was the default.
+    2.6 us), and the training forward and the backward have two regions each.
+    On the latest, 512 KiB arrays took 0.63-0.85 times as long on one thread
+    as on two, and 1 MiB arrays 0.88-1.73 times; on an earlier machine 512 KiB
+    arrays were 5-30 % faster on two, and 384 KiB was the default (README,
+    "In the session of commit df1e44c").
     ``NUMBANORM_PARALLEL_MIN_SIZE``, its former name (a count of values), is not
     read; setting it gives a ``FutureWarning``.
 ``NUMBANORM_STREAM_MIN_BYTES``
