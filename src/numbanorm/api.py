@@ -520,9 +520,11 @@ def batch_norm_forward(
     features = shape3[1]
     eps = _number(eps, "eps", 0.0, math.inf)
     training = _flag(training, "training")
-    # The kernels take float32 parameters as well (``normalize_params``).
-    gamma = np.ones(features) if gamma is None else _per_feature(gamma, "gamma", features, float32=True)
-    beta = np.zeros(features) if beta is None else _per_feature(beta, "beta", features, float32=True)
+    # The kernels take float32 parameters as well (``normalize_params``), each combination of
+    # dtypes a compilation of its own (about a second): absent ones take the data's.
+    compute = _compute_dtype(x.dtype)
+    gamma = np.ones(features, compute) if gamma is None else _per_feature(gamma, "gamma", features, float32=True)
+    beta = np.zeros(features, compute) if beta is None else _per_feature(beta, "beta", features, float32=True)
     if training:
         momentum = _number(momentum, "momentum", 0.0, 1.0)
         if (running_mean is None) != (running_var is None):
@@ -550,7 +552,7 @@ def batch_norm_forward(
         )
 
     transposed = _transposes(x)
-    x3 = _to_3d(x, axis, transposed, _compute_dtype(x.dtype), shape3)
+    x3 = _to_3d(x, axis, transposed, compute, shape3)
     y3 = _output(out, x, (x3,), axis, transposed, x.dtype)
     chunks = _chunks(x3.nbytes)
     stream = _stream(y3, (x3,), forward_into_new=out is None or not np.may_share_memory(y3, out))
@@ -656,7 +658,8 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=1, training=Tru
     features = x3.shape[1]
     mean = _per_feature(mean, "mean", features)
     invstd = _per_feature(invstd, "invstd", features)
-    gamma = np.ones(features) if gamma is None else _per_feature(gamma, "gamma", features, float32=True)
+    # As in the forward: float32 as well, and an absent gamma in the data's dtype.
+    gamma = np.ones(features, x3.dtype) if gamma is None else _per_feature(gamma, "gamma", features, float32=True)
     dx3 = _output(out, x, (x3, dy3), axis, transposed, dtype)
     # In the kernels' dtype: sums over the batch overflow float16, whose parameter gradients stay in float32.
     dgamma = np.empty(features, x3.dtype)
