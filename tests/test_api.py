@@ -920,9 +920,9 @@ def test_kernels_split_small_batches_by_features_and_runs(shape, dtype, chunks):
     np.testing.assert_allclose(sums[2], sums[0], rtol=1e-12, atol=1e-12 * np.abs(dy).sum())
     np.testing.assert_allclose(sums[3], sums[1], rtol=1e-12, atol=1e-12 * np.abs(dy * x).sum())
     invstd = 1 / np.sqrt(m2 / count + 1e-5)
-    forward = api._params(_kernels.FORWARD_ROWS, x)
+    forward = _kernels.new_params(_kernels.FORWARD_ROWS, x)
     _kernels.normalize_params(mean, invstd, np.ones(features), np.zeros(features), forward)
-    backward = api._params(_kernels.BACKWARD_ROWS, x)
+    backward = _kernels.new_params(_kernels.BACKWARD_ROWS, x)
     _kernels.grad_params(mean, invstd, np.ones(features), sums[0], sums[1] * invstd, float(count), backward)
     expected = {
         "normalize": reference.forward(x, eps=1e-5)[0],

@@ -594,10 +594,12 @@ def normalize(x, params, chunks, stream, y):
 
 @jit
 def new_params(rows, x):
-    """Scratch for ``rows`` per-feature rows in ``x``'s dtype, padded (``PARAMS_PAD``).
+    """Scratch for ``rows`` per-feature rows in ``x``'s dtype, with the ``PARAMS_PAD``
+    columns that the explicit vectors read past the last feature.
 
-    Allocated here rather than by the caller: a NumPy call from Python costs
-    small arrays a third of a microsecond, as much as the work on a 32x64 batch.
+    The kernels that take the rows from the batch allocate them here, not their
+    Python caller: a NumPy call from Python costs small arrays a third of a
+    microsecond, as much as the work on a 32x64 batch.
     """
     return np.empty((rows, x.shape[1] + PARAMS_PAD), dtype=x.dtype)
 

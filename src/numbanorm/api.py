@@ -274,12 +274,6 @@ def _stream(out3, sources, forward_into_new=False):
     return not (forward_into_new and out3.nbytes > FRESH_PAGES_BYTES)
 
 
-def _params(rows, x3):
-    """Scratch for a kernel's per-feature rows, in ``x3``'s dtype, padded for the streamed
-    kernels, whose vectors read ``_kernels.PARAMS_PAD`` columns past the last feature."""
-    return np.empty((rows, x3.shape[1] + _kernels.PARAMS_PAD), dtype=x3.dtype)
-
-
 _threading_layer_checked = False
 
 
@@ -736,7 +730,7 @@ def batch_norm_backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, c
     count = _number(count, "count", 1.0, math.inf)
     if not count.is_integer():
         raise ValueError(f"count must be a whole number of values, got {count}")
-    params = _params(_kernels.BACKWARD_ROWS, x3)
+    params = _kernels.new_params(_kernels.BACKWARD_ROWS, x3)
     _kernels.grad_params(mean, invstd, gamma, sum_dy, sum_dy_xhat, count, params)
     dx3 = _output(out, x, (x3, dy3), axis, transposed, dtype)
     _kernels.grad_input(dy3, x3, params, True, _chunks(x3.nbytes), _stream(dx3, (dy3, x3)), dx3)
