@@ -316,6 +316,36 @@ def test_processes_compiling_into_one_cache_at_once_leave_it_consistent(tmp_path
     assert out.split() == ["(3,", "6)", "(3.0,", "6.0)", "2"]  # both loaded from the cache, each its own code
 
 
+def test_a_process_that_loads_from_the_cache_waits_for_a_writer(tmp_path):
+    # Numba writes an entry's index before its code: a process that loads in between finds
+    # the entry named, and runs whatever code file has that name (an earlier source's, left
+    # in the directory). Loads take the lock shared (``_config._locked``), and wait here
+    # while another process holds it exclusively, as a writer does.
+    fcntl = pytest.importorskip("fcntl")  # the lock is POSIX-only
+    cache = tmp_path / "cache"
+    call = "from numbanorm import _kernels; print(_kernels._bounds(10, 3, 1))"
+    assert run_python(call, NUMBA_CACHE_DIR=str(cache)).split() == ["(3,", "6)"]
+    [lock_path] = [os.path.join(root, "numbanorm.lock") for root, _, files in os.walk(cache) if "numbanorm.lock" in files]
+    code = """
+        from numbanorm import _kernels
+        print("imported", flush=True)
+        print(_kernels._bounds(10, 3, 1), sum(_kernels._bounds.stats.cache_hits.values()), flush=True)
+    """
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        reader = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            env={**os.environ, "NUMBA_CACHE_DIR": str(cache)}, stdout=subprocess.PIPE, text=True,
+        )
+        try:
+            assert reader.stdout.readline().strip() == "imported"
+            time.sleep(1.0)
+            assert reader.poll() is None  # waiting for the lock
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    assert reader.communicate(timeout=120)[0].split() == ["(3,", "6)", "1"]  # then loaded from the cache
+
+
 def test_every_kernel_releases_the_gil():
     # What lets threads (a thread pool, a data loader) run numbanorm side by side.
     kernels = {name: f for name, f in vars(numbanorm._kernels).items() if isinstance(f, numba.core.dispatcher.Dispatcher)}

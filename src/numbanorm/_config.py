@@ -113,21 +113,35 @@ def _warn_not_cached(problem):
 
 
 @contextlib.contextmanager
-def _locked(directory):
-    """An exclusive lock on ``directory``'s lock file, for one process at a time (POSIX only).
+def _locked(directory, shared=False):
+    """A lock on ``directory``'s lock file (POSIX only): exclusive, for one process at a
+    time, or ``shared`` among processes that read.
 
     Numba writes a function's cache entry as a read-modify-write of its index
     (which numbers the data files) and then the data file, without a lock: two
     processes that compile different signatures at once can both take number 1,
     and the index of one then names the other's code, which a later process
     loads and runs (numba#4807; a SIGSEGV here, after the MPI tests' two ranks
-    compiled into one cold cache).
+    compiled into one cold cache). A process that loads between the writer's
+    index and its data file finds the entry named and reads whatever file has
+    that name: none yet (it compiles), or one an earlier version of the source
+    left there, whose code it runs (a SIGSEGV here, a test run beside a script
+    after an edit of the kernels). Writers take the lock exclusively, readers
+    shared. A directory where the lock file cannot be created is read unlocked:
+    it holds no entry, or nobody can write it.
     """
-    if fcntl is None:
+    lock = None
+    if fcntl is not None:
+        try:
+            lock = open(os.path.join(directory, "numbanorm.lock"), "a")
+        except OSError:
+            if not shared:
+                raise
+    if lock is None:
         yield
         return
-    with open(os.path.join(directory, "numbanorm.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -139,7 +153,11 @@ def _cache_class():
     from numba.core.caching import FunctionCache
 
     class Cache(FunctionCache):
-        """Numba's per-function cache, whose writes take turns and whose failure to write is a warning."""
+        """Numba's per-function cache, whose writes take turns, never beside a read, and whose failure to write is a warning."""
+
+        def load_overload(self, sig, target_context):
+            with _locked(self.cache_path, shared=True):
+                return super().load_overload(sig, target_context)
 
         def save_overload(self, sig, data):
             try:
