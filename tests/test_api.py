@@ -939,6 +939,27 @@ def test_kernels_split_small_batches_by_features_and_runs(shape, dtype, chunks):
         run(chunks, split)
         np.testing.assert_array_equal(split, serial, err_msg=name)
         assert_close(serial, expected[name], dtype)
+    # The whole backward, into a new dx and in place of dy or x. Where the sums split by
+    # features it runs channel by channel in one pass (_kernels.channel_backward): its sums
+    # add in the serial order, and every value is the serial path's.
+    by_channels = _kernels._by_channels(outer, features, inner, chunks)
+    assert by_channels == _kernels._splits_features(outer, features, inner, chunks)
+    gamma = rng.uniform(-3, 3, features).astype(dtype)
+    for training in (True, False):
+        results = {}
+        for c in (1, chunks):
+            for into in ("new", "dy", "x"):
+                dy_c, x_c = dy.copy(), x.copy()
+                dx = {"new": np.full_like(x, np.nan), "dy": dy_c, "x": x_c}[into]
+                dgamma, dbeta = np.empty(features, dtype), np.empty(features, dtype)
+                _kernels.backward(dy_c, x_c, mean, invstd, gamma, training, c, False, dx, dgamma, dbeta)
+                results[c, into] = (dx, dgamma, dbeta)
+        for (c, into), result in results.items():
+            for got, want in zip(result, results[c if not by_channels else 1, "new"]):
+                np.testing.assert_array_equal(got, want, err_msg=f"training={training}, chunks={c}, into {into}")
+        ref_dx = reference.backward(dy, x, mean, invstd, gamma, training=training)[0]
+        for c in (1, chunks):
+            assert_close(results[c, "new"][0], ref_dx, dtype)
 
 
 def assert_rows_backward_close(dx, dgamma, dbeta, dy, x, mean, invstd):
