@@ -125,8 +125,8 @@ def _locked(directory, shared=False):
     compiled into one cold cache). A process that loads between the writer's
     index and its data file finds the entry named and reads whatever file has
     that name: none yet (it compiles), or one an earlier version of the source
-    left there, whose code it runs (a SIGSEGV here, a test run beside a script
-    after an edit of the kernels). Writers take the lock exclusively, readers
+    left there, whose code it runs (the one explanation found for a SIGSEGV in a
+    script run beside the tests after an edit of the kernels). Writers take the lock exclusively, readers
     shared. A directory where the lock file cannot be created is read unlocked:
     it holds no entry, or nobody can write it.
     """
