@@ -841,11 +841,14 @@ def grad_sums(dy, x, mean, chunks, sum_dy, sum_dy_xmu):
     by_features = _splits_features(outer, features, inner, chunks)  # then each slab adds its own features
     chunks = max(1, min(chunks, features if by_features else outer))
     k = _grad_super_rows(outer, features, inner)
+    sum_dy[:] = 0.0
+    sum_dy_xmu[:] = 0.0
+    if chunks == 1 and k == 1:  # straight into the sums: small arrays feel the slabs' allocations
+        _slab_grad_sums(dy, x, ZERO, outer, mean, sum_dy, sum_dy_xmu)
+        return
     centre = _tiled(mean, k)
     slab_dy = np.zeros((chunks, k * features))
     slab_dy_xmu = np.zeros((chunks, k * features))
-    sum_dy[:] = 0.0
-    sum_dy_xmu[:] = 0.0
     if chunks == 1:
         _slab_grad_sums_super(dy, x, ZERO, outer, k, centre, slab_dy[0], slab_dy_xmu[0])
     else:
