@@ -126,9 +126,9 @@ def _locked(directory, shared=False):
     index and its data file finds the entry named and reads whatever file has
     that name: none yet (it compiles), or one an earlier version of the source
     left there, whose code it runs (the one explanation found for a SIGSEGV in a
-    script run beside the tests after an edit of the kernels). Writers take the lock exclusively, readers
-    shared. A directory where the lock file cannot be created is read unlocked:
-    it holds no entry, or nobody can write it.
+    script run beside the tests after an edit of the kernels). Writers take the
+    lock exclusively, readers shared. A directory where the lock file cannot be
+    created is read unlocked: it holds no entry, or nobody can write it.
     """
     lock = None
     if fcntl is not None:
@@ -153,7 +153,7 @@ def _cache_class():
     from numba.core.caching import FunctionCache
 
     class Cache(FunctionCache):
-        """Numba's per-function cache, whose writes take turns, never beside a read, and whose failure to write is a warning."""
+        """Numba's per-function cache: writes take turns, never beside a read; a failed write is a warning."""
 
         def load_overload(self, sig, target_context):
             with _locked(self.cache_path, shared=True):

@@ -933,11 +933,11 @@ def _by_channels(outer, features, inner, chunks):
     a batch of one or a few), the two passes over the whole array cost two
     parallel regions, and the second reads from L3 what one channel at a time
     still has in L2. Measured on the report's machine, through the API against
-    the two passes (A/B in one process, medians of 15): 1x64x112x112 0.86x the
-    time in float32 and 0.90x in float64, 2x128x28x28 and 3x64x56x56 float32
-    0.87x and 0.85x. Not elsewhere: on one thread, arrays of 4x4 to 28x28
-    images took 0.99-1.58x the time (short runs, far apart in a channel), and
-    batches of 32 and 64 on two threads 0.99-1.02x.
+    the two passes (A/B in one process, medians of 15): 1x64x112x112 0.85-0.86x
+    the time in float32 and 0.88-0.90x in float64, 3x64x56x56 float32 0.85-0.89x,
+    1x256x56x56 float64 0.85x. Not elsewhere: on one thread, from 0.85x
+    (8x64x7x7 float32) to 1.58x (32x64x4x4 float64: short runs, 8 KB apart in
+    a channel), and batches of 32 and 64 on two threads 0.99-1.02x.
     """
     return inner > 1 and chunks > 1 and _splits_features(outer, features, inner, chunks)
 
