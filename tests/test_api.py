@@ -1027,7 +1027,7 @@ def test_large_narrow_rows_give_the_backward_sums_wider_super_rows(features, dty
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_wide_rows_run_in_groups_and_match(dtype, path):
     # (N, C) rows of at least WIDE_ROW_BYTES, a whole number of vectors long, run ROWS at a
-    # time through the forward's element-wise pass (_kernels._row_groups), in vectors from
+    # time through the forward's and the backward's element-wise passes (_kernels._row_groups), in vectors from
     # the first feature that is aligned in every row: each offset of the output from a
     # vector boundary moves that feature. Rows one feature wider, and an output whose
     # address is not a multiple of its itemsize, run as one flat range. The slabs of the
@@ -1067,6 +1067,22 @@ def test_wide_rows_run_in_groups_and_match(dtype, path):
                 in_place = x.copy()
                 numbanorm.batch_norm_forward(in_place, gamma, beta, out=in_place, **kwargs)
                 np.testing.assert_array_equal(in_place, y)
+        dy = rng.normal(size=x.shape).astype(dtype)
+        mean, var = reference.stats(x)
+        invstd = 1.0 / np.sqrt(var + 1e-5)
+        with kernel_path(path):
+            dx, dgamma, dbeta = numbanorm.batch_norm_backward(dy, x, mean, invstd)
+            assert_rows_backward_close(dx, dgamma, dbeta, dy, x, mean, invstd)
+            for out in [*outs, with_layout(np.full_like(x, np.nan), "unaligned")]:
+                out[...] = np.nan
+                numbanorm.batch_norm_backward(dy, x, mean, invstd, out=out)
+                np.testing.assert_array_equal(out, dx)
+            for source in (dy, x):  # in place of an input: one array read and written
+                in_place = source.copy()
+                other = x if source is dy else dy
+                args = (in_place, other) if source is dy else (other, in_place)
+                numbanorm.batch_norm_backward(*args, mean, invstd, out=in_place)
+                np.testing.assert_array_equal(in_place, dx)
 
 
 def test_only_large_rows_are_streamed(monkeypatch):

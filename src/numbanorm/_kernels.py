@@ -22,7 +22,7 @@ then merged block by block with Chan's update, so the input is read once from
 memory and converted to float64 once. ``E[x**2] - E[x]**2`` never appears: the
 shift is a data value, which bounds the cancellation. The element-wise passes
 run ``(N, C)`` rows as one flat range of explicit vectors (``_vectors.py``;
-the forward's wide rows in groups, ``_row_groups``), stored plainly or, when
+wide rows in groups, ``_row_groups``), stored plainly or, when
 ``api.py`` asks for it on large arrays (``stream``), with non-temporal stores.
 """
 
@@ -38,6 +38,7 @@ from ._vectors import (
     address,
     store_fence,
     vector_grad_input,
+    vector_grad_input_rows,
     vector_normalize,
     vector_normalize_rows,
     vector_scale,
@@ -64,8 +65,8 @@ GRAD_WIDE_MIN_VALUES = 2**20
 # (4096x16) super-rows won, 13 against 19 us and 17 against 31.
 STATS_SUPER_MIN_ROWS = 32
 GRAD_SUPER_MIN_ROWS = 16
-# Rows of at least this many bytes run ROWS at a time through the forward's element-wise
-# pass (``_row_groups``).
+# Rows of at least this many bytes run ROWS at a time through the element-wise passes of
+# the training forward, inference and the training backward (``_row_groups``).
 WIDE_ROW_BYTES = 16384
 # Row and feature indices that start at zero are passed as ``ZERO``, an int64, and not
 # as the literal ``0``: Numba compiles a callee once more for a literal argument
@@ -438,10 +439,11 @@ def _vector_span(out, first, last):
 def _row_groups(out, start, stop):
     """How rows ``start:stop`` of ``out`` run in groups of ``ROWS``: ``(groups_stop, head)``.
 
-    Rows ``start:groups_stop`` run ``ROWS`` at a time (``_normalize_row_groups``):
-    features ``head:`` in vectors that ``vector_normalize_rows`` computes for
-    the ``ROWS`` rows from one load of the per-feature rows, the others one
-    value at a time. ``groups_stop == start`` when no rows do. Only rows of at
+    Rows ``start:groups_stop`` run ``ROWS`` at a time (``_normalize_row_groups``,
+    ``_grad_input_row_groups``): features ``head:`` in vectors that
+    ``vector_normalize_rows`` or ``vector_grad_input_rows`` computes for the
+    ``ROWS`` rows from one load of the per-feature rows, the others one value
+    at a time. ``groups_stop == start`` when no rows do. Only rows of at
     least ``WIDE_ROW_BYTES``: the forward's three per-feature rows then no
     longer fit in L1 beside the data, and a flat range reads them from L2 with
     every vector. Only rows a whole number of vectors long, so that feature
@@ -450,8 +452,13 @@ def _row_groups(out, start, stop):
     runs) the inference of 512x8192, 2048x4096 and 128x32768 arrays took
     0.79-0.97 of its time as one flat range, their training forward 0.91-0.99.
     Groups of 8 rows were 4-14 % slower than groups of 4, groups of 2 the same;
-    grouping rows of 4 KB gained nothing, nor did giving the backward's pass
-    groups (tried in an earlier session).
+    grouping rows of 4 KB gained nothing, rows of 8 KB went either way (2048x2048
+    float32 inference 1.25x the time, 2048x1024 float64 0.95-1.04x). The
+    backward's pass, with its five per-feature rows, gained from groups once they
+    no longer needed an aligned allocation: the training backward of 512x8192
+    and 256x16384 float32 took 0.885-0.95 of its time, of 512x8192, 128x32768
+    and 2x1024x1x4096 float64 and float32 0.97-0.99 (A/B through the API,
+    medians of 15-21).
     """
     itemsize = out.itemsize
     row_bytes = out.shape[1] * itemsize
@@ -700,7 +707,10 @@ def _slab_grad_input(dy, x, start, stop, params, stream, dx):
     non-temporal stores.
     """
     if x.shape[2] == 1:
-        _grad_input_vectors(dy, x, start, stop, params, stream, dx)
+        groups_stop, head = _row_groups(dx, start, stop)
+        if groups_stop > start:
+            _grad_input_row_groups(dy, x, start, groups_stop, head, params, stream, dx)
+        _grad_input_vectors(dy, x, groups_stop, stop, params, stream, dx)
     elif address(dx) == address(dy):
         _grad_input_runs(dx, x, start, stop, params, dx)  # in place: one array for LLVM (``inline_jit``)
     elif address(dx) == address(x):
@@ -738,6 +748,29 @@ def _grad_input_vectors(dy, x, start, stop, params, stream, dx):
         flat_dx[i] = flat_dy[i] * dy_scale[c] - xhat * xhat_scale[c] - offset[c]
     if stream:
         store_fence()
+
+
+@jit
+def _grad_input_row_groups(dy, x, start, stop, head, params, stream, dx):
+    """``_grad_input_vectors`` on rows ``start:stop``, ``ROWS`` at a time, as ``_normalize_row_groups``."""
+    features = x.shape[1]
+    hi, invstd = params[MEAN_HI], params[INVSTD]
+    dy_scale, xhat_scale, offset = params[DY_SCALE], params[XHAT_SCALE], params[OFFSET]
+    flat_dy, flat_x, flat_dx = dy.reshape(-1), x.reshape(-1), dx.reshape(-1)
+    lanes = VECTOR_BYTES // dx.itemsize
+    vectors_stop = head + (features - head) // lanes * lanes
+    for n in range(start, stop, ROWS):
+        for row in range(n * features, (n + ROWS) * features, features):
+            for c in range(head):
+                xhat = (flat_x[row + c] - hi[c]) * invstd[c]
+                flat_dx[row + c] = flat_dy[row + c] * dy_scale[c] - xhat * xhat_scale[c] - offset[c]
+            for c in range(vectors_stop, features):
+                xhat = (flat_x[row + c] - hi[c]) * invstd[c]
+                flat_dx[row + c] = flat_dy[row + c] * dy_scale[c] - xhat * xhat_scale[c] - offset[c]
+        for c in range(head, vectors_stop, lanes):
+            vector_grad_input_rows(
+                flat_dx, n * features + c, features, c, stream, flat_dy, flat_x, hi, invstd, dy_scale, xhat_scale, offset
+            )
 
 
 @inline_jit

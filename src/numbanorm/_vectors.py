@@ -161,6 +161,13 @@ def vector_normalize_rows(typingctx, y, i, stride, c, nontemporal, x, hi, scale,
     return types.void(y, i, stride, c, nontemporal, x, hi, scale, shift), _vector_op(1, _normalized, ROWS)
 
 
+@intrinsic
+def vector_grad_input_rows(typingctx, dx, i, stride, c, nontemporal, dy, x, hi, invstd, dy_scale, xhat_scale, offset):
+    """``vector_grad_input`` on ``ROWS`` rows, as ``vector_normalize_rows``."""
+    signature = types.void(dx, i, stride, c, nontemporal, dy, x, hi, invstd, dy_scale, xhat_scale, offset)
+    return signature, _vector_op(2, _input_gradient, ROWS)
+
+
 def _scaled(b, dy, dy_scale):
     return b.fmul(dy, dy_scale, flags=_FLAGS)
 
