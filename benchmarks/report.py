@@ -6,11 +6,21 @@
 
 Everything is measured in one process and one run. For every operation, shape
 and dtype, each repeat times, one after the other and in a rotating order:
-numbanorm, PyTorch (both with the same number of threads), numbanorm on one
-thread, and two copies of the array into a new array, as the operations
-produce theirs (a Numba ``prange`` copy and ``ndarray.copy``). The table gives
-the medians over the repeats. Before any timing, numbanorm's results are
-checked against PyTorch's.
+numbanorm, PyTorch (both with the same number of threads), two copies of the
+array into a new array, as the operations produce theirs (``ndarray.copy`` and
+a Numba ``prange`` copy), and numbanorm on one thread. The table gives the
+medians over the repeats. Before any timing, numbanorm's results are checked
+against PyTorch's.
+
+The rotation keeps that cycle, so each contender always follows the same one.
+The one-thread copy follows PyTorch: its OpenMP threads spin for milliseconds
+after its last call (``OMP_WAIT_POLICY`` unset) and take a core from whatever
+runs next on two threads. Until 2026-11-24 the parallel copy came right after
+PyTorch: the roofline of the 6-24 MB arrays now measures 1.4-2.0x what it
+did (512x8192 float32: 104 GB/s then, 206 now, in two runs of one commit), so
+the earlier reports' roofline was too low and numbanorm's "of copy" too high. PyTorch follows numbanorm, whose TBB threads
+spin less: PyTorch measured 0-15 % slower after numbanorm than in calls of its
+own in a row (32x256x14x14 float32 backward: 223 against 193 µs).
 
 Bandwidth is the least traffic an operation needs (``TRAFFIC``: the training
 forward reads x twice and writes y, 3x the array; the backward 5x; inference
@@ -156,8 +166,9 @@ def measure(args, torch, progress):
                     Contender("torch", theirs.run, args.threads),
                     # Copies into a new array, as the operations write theirs: above glibc's
                     # mmap threshold every new array costs page faults, the copy's included.
-                    Contender("copy_numba", lambda: parallel_copy(src, np.empty_like(src), args.threads), args.threads),
+                    # The one-thread copy right after PyTorch, whose threads still spin (see above).
                     Contender("copy_numpy", lambda: src.copy(), args.threads),
+                    Contender("copy_numba", lambda: parallel_copy(src, np.empty_like(src), args.threads), args.threads),
                 ]
                 if args.threads > 1:
                     contenders.append(Contender("numbanorm_1", mine.run, 1))
