@@ -5,14 +5,15 @@
     python benchmarks/report.py --shapes 32x64 65536x256 --dtypes float32 --ops backward
 
 Everything is measured in one process and one run. For every operation, shape
-and dtype, each repeat times, one after the other and in a rotating order:
+and dtype, each repeat times, one after the other and always in this order:
 numbanorm, PyTorch (both with the same number of threads), two copies of the
 array into a new array, as the operations produce theirs (``ndarray.copy`` and
 a Numba ``prange`` copy), and numbanorm on one thread. The table gives the
 medians over the repeats. Before any timing, numbanorm's results are checked
 against PyTorch's.
 
-The rotation keeps that cycle, so each contender always follows the same one.
+Each contender therefore always follows the same one (the rounds used to start
+one contender later each time, which put another after PyTorch at the seams).
 The one-thread copy follows PyTorch: its OpenMP threads spin for milliseconds
 after its last call (``OMP_WAIT_POLICY`` unset) and take a core from whatever
 runs next on two threads. Until 2026-11-24 the parallel copy came right after
@@ -122,14 +123,32 @@ class Contender:
         return statistics.median(self.samples)
 
 
+def contenders_for(mine, theirs, src, threads):
+    """The contenders of one row, in the order of their cycle (see the module's docstring).
+
+    The copies copy ``src`` into a new array, as the operations write theirs:
+    above glibc's mmap threshold every new array costs page faults, the copy's
+    included. The one-thread copy comes right after PyTorch, whose threads
+    still spin then.
+    """
+    contenders = [
+        Contender("numbanorm", mine, threads),
+        Contender("torch", theirs, threads),
+        Contender("copy_numpy", src.copy, threads),
+        Contender("copy_numba", lambda: parallel_copy(src, np.empty_like(src), threads), threads),
+    ]
+    if threads > 1:
+        contenders.append(Contender("numbanorm_1", mine, 1))
+    return contenders
+
+
 def interleaved(contenders, repeats, sample_seconds):
-    """Calibrate each contender, then take ``repeats`` rounds of one sample each, rotating the order."""
+    """Calibrate each contender, then take ``repeats`` rounds of one sample each, in their order."""
     for contender in contenders:
         contender.calibrate(sample_seconds)
         contender.samples = []
-    for r in range(repeats):
-        shift = r % len(contenders)
-        for contender in contenders[shift:] + contenders[:shift]:
+    for _ in range(repeats):
+        for contender in contenders:
             contender.samples.append(contender.sample())
     return {contender.name: contender.median for contender in contenders}
 
@@ -161,17 +180,7 @@ def measure(args, torch, progress):
                 if not error <= TOLERANCE[dtype]:
                     mismatches.append(f"{op} {case} {dtype}: relative error {error:.2e} > {TOLERANCE[dtype]:.0e}")
                     continue
-                contenders = [
-                    Contender("numbanorm", mine.run, args.threads),
-                    Contender("torch", theirs.run, args.threads),
-                    # Copies into a new array, as the operations write theirs: above glibc's
-                    # mmap threshold every new array costs page faults, the copy's included.
-                    # The one-thread copy right after PyTorch, whose threads still spin (see above).
-                    Contender("copy_numpy", lambda: src.copy(), args.threads),
-                    Contender("copy_numba", lambda: parallel_copy(src, np.empty_like(src), args.threads), args.threads),
-                ]
-                if args.threads > 1:
-                    contenders.append(Contender("numbanorm_1", mine.run, 1))
+                contenders = contenders_for(mine.run, theirs.run, src, args.threads)
                 times = interleaved(contenders, args.repeats, args.sample_seconds)
                 del mine, theirs
                 rows.append(dict(op=op, case=case, dtype=dtype, nbytes=data.nbytes, error=error, **times))

@@ -20,7 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ is a package at the root, not installed
 
 from benchmarks import _cases, bench_ops  # noqa: E402
-from benchmarks.report import TOLERANCE, Contender, parallel_copy, relative_error  # noqa: E402
+from benchmarks.report import TOLERANCE, Contender, contenders_for, interleaved, parallel_copy, relative_error  # noqa: E402
 
 # Small, and each layout the kernels see: (N, C) and channels-last.
 CASES = [("32x64", "float32"), ("32x64", "float64"), ("64x28x28x64,axis=-1", "float32")]
@@ -124,6 +124,22 @@ def test_the_report_runs_as_a_script_after_the_tests_cached_its_copy():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "| stats |" in result.stdout
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_one_thread_copy_and_nothing_else_follows_pytorch(threads):
+    # PyTorch's OpenMP threads spin for milliseconds after its calls. The parallel copy
+    # that followed it in every round measured 1.4-2.0x slower, and so did the roofline.
+    # Right after PyTorch, in a round or across two, comes NumPy's copy, on one thread.
+    order = []
+    contenders = contenders_for(lambda: None, lambda: None, np.zeros(4, np.float32), threads)
+    for contender in contenders:
+        contender.calibrate = lambda sample_seconds: None
+        contender.sample = lambda name=contender.name: order.append(name) or 0.0
+    interleaved(contenders, repeats=3 * len(contenders), sample_seconds=0.01)
+    assert len(order) == 3 * len(contenders) ** 2
+    assert {after for before, after in zip(order, order[1:]) if before == "torch"} == {"copy_numpy"}
+    assert [contender.name for contender in contenders].count("numbanorm_1") == (threads > 1)
 
 
 def test_one_slow_call_does_not_make_a_contender_time_single_calls():
