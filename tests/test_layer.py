@@ -135,6 +135,23 @@ def test_load_state_dict_rejects_wrong_keys_and_shapes():
     np.testing.assert_array_equal(layer.gamma, 1.0)
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_a_value_out_of_the_layers_range_raises_instead_of_becoming_inf(dtype):
+    # float16 holds up to 65504, float32 up to 3.4e38: a larger finite value would load
+    # as inf, and inference would then give NaN or 0 for that feature without a word.
+    # An infinite value stays what it is.
+    layer = numbanorm.BatchNorm(5, dtype=dtype)
+    before = layer.state_dict()
+    big = float(np.finfo(dtype).max) * 4
+    running_var = np.array([1.0, 2.0, big, 3.0, 4.0])
+    with pytest.raises(ValueError, match=f"running_var.*{np.dtype(dtype).name}"):
+        layer.load_state_dict({**before, "weight": np.full(5, 2.0), "running_var": running_var})
+    for name, array in layer.state_dict().items():
+        np.testing.assert_array_equal(array, before[name], err_msg=name)
+    layer.load_state_dict({**before, "running_var": np.array([1.0, 2.0, np.inf, 3.0, float(np.finfo(dtype).max)])})
+    assert np.isinf(layer.running_var[2]) and layer.running_var[4] == np.finfo(dtype).max
+
+
 @pytest.mark.parametrize(
     "key, value, exception",
     [

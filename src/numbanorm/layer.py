@@ -218,8 +218,10 @@ class BatchNorm:
 
         Every key the layer has must be present, the per-feature ones with shape
         ``(num_features,)``; missing or unknown keys raise ``KeyError``. Values
-        are copied in the layer's dtype. Every value is checked and converted
-        before any is loaded: a state that raises leaves the layer as it was.
+        are copied in the layer's dtype; a finite value that this dtype cannot
+        hold (a float16 layer given 1e5) raises ``ValueError`` rather than
+        becoming infinite. Every value is checked and converted before any is
+        loaded: a state that raises leaves the layer as it was.
         """
         expected = set(self.state_dict())
         missing = expected - set(state)
@@ -233,7 +235,15 @@ class BatchNorm:
                 raise ValueError(f"state[{name!r}] must have shape ({self.num_features},), got {value.shape}")
             if value.dtype.kind not in "biuf":
                 raise TypeError(f"state[{name!r}] must hold real numbers, got dtype {value.dtype}")
-            arrays[name] = value.astype(self.dtype)
+            with np.errstate(over="ignore"):  # told below, as an error
+                converted = value.astype(self.dtype)
+            overflow = np.isinf(converted) & np.isfinite(value)
+            if overflow.any():
+                raise ValueError(
+                    f"state[{name!r}] has values outside the range of the layer's dtype, {self.dtype.name}: "
+                    f"{value[overflow][:3].tolist()}"
+                )
+            arrays[name] = converted
         if "num_batches_tracked" in state:
             batches = np.asarray(state["num_batches_tracked"])
             if batches.shape != () or batches.dtype.kind not in "iu":
