@@ -463,3 +463,15 @@ def test_array_100x_larger_than_a_chunk_on_the_cluster(client):
     assert_close(y, in_memory_y, dtype)
     np.testing.assert_allclose(invstd, in_memory_invstd, rtol=1e-10)
 
+
+
+@given(split_every=st.integers(2, 10**6), axes=st.integers(0, 4))
+def test_the_fan_in_is_the_integer_root_of_split_every(split_every, axes):
+    # Shared among the reduced axes that have several blocks: the largest r with
+    # r ** axes <= split_every (2 at least, 1 axis when none). The float root rounded
+    # down: 64 over 3 axes gave 3, not 4.
+    fan_in = nd._fan_in(split_every, axes)
+    power = max(1, axes)
+    assert fan_in >= 2
+    assert fan_in == 2 or fan_in**power <= split_every
+    assert (fan_in + 1) ** power > split_every

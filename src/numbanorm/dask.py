@@ -144,7 +144,7 @@ def _reduce_blocks(block_function, arrays, vectors, feature_axis, rows, merge, s
     )
     # The fan-in is shared among the axes that have several blocks (dask shares it among all).
     chunked = [axis for axis in index if parts.numblocks[axis] > 1]
-    fan_in = max(2, int(split_every ** (1 / max(1, len(chunked)))))
+    fan_in = _fan_in(split_every, len(chunked))
     return da.reduction(
         parts,
         chunk=_unchanged,
@@ -155,6 +155,20 @@ def _reduce_blocks(block_function, arrays, vectors, feature_axis, rows, merge, s
         split_every={axis: fan_in if axis in chunked else 1 for axis in index},
         meta=np.empty((0,) * len(rows)),
     )
+
+
+def _fan_in(split_every, axes):
+    """The fan-in of each of ``axes`` reduced axes: the largest ``r`` with ``r ** axes <= split_every``, 2 at least.
+
+    In integers: ``int(64 ** (1 / 3))`` is 3, the float root being 3.9999999999999996.
+    """
+    axes = max(1, axes)
+    root = max(2, round(split_every ** (1 / axes)))
+    while root > 2 and root**axes > split_every:
+        root -= 1
+    while (root + 1) ** axes <= split_every:
+        root += 1
+    return root
 
 
 def _block_result(block_function, ndim, *arguments):
