@@ -6,22 +6,25 @@
 
 Everything is measured in one process and one run. For every operation, shape
 and dtype, each repeat times, one after the other and always in this order:
-numbanorm, PyTorch (both with the same number of threads), two copies of the
-array into a new array, as the operations produce theirs (``ndarray.copy`` and
-a Numba ``prange`` copy), and numbanorm on one thread. The table gives the
-medians over the repeats. Before any timing, numbanorm's results are checked
-against PyTorch's.
+numbanorm on one thread, numbanorm, two copies of the array into a new array,
+as the operations produce theirs (a Numba ``prange`` copy and
+``ndarray.copy``), PyTorch on one thread, and PyTorch (numbanorm and PyTorch
+with the same number of threads). The table gives the medians over the
+repeats. Before any timing, numbanorm's results are checked against PyTorch's.
 
-Each contender therefore always follows the same one (the rounds used to start
-one contender later each time, which put another after PyTorch at the seams).
-The one-thread copy follows PyTorch: its OpenMP threads spin for milliseconds
-after its last call (``OMP_WAIT_POLICY`` unset) and take a core from whatever
-runs next on two threads. Until 2026-11-24 the parallel copy came right after
-PyTorch: the roofline of the 6-24 MB arrays now measures 1.4-2.0x what it
-did (512x8192 float32: 104 GB/s then, 206 now, in two runs of one commit), so
-the earlier reports' roofline was too low and numbanorm's "of copy" too high. PyTorch follows numbanorm, whose TBB threads
-spin less: PyTorch measured 0-15 % slower after numbanorm than in calls of its
-own in a row (32x256x14x14 float32 backward: 223 against 193 µs).
+Each contender therefore always follows the same one, and each library's
+timed run follows its own one-thread run on the same data. What follows
+PyTorch runs on one thread: its OpenMP threads spin for milliseconds after its
+last call (``OMP_WAIT_POLICY`` unset) and take a core from whatever runs next on
+two threads. Until 2026-11-24 the parallel copy came right after PyTorch: the
+roofline of the 6-24 MB arrays now measures 1.4-2.0x what it did (512x8192
+float32: 104 GB/s then, 206 now, in two runs of one commit), so the earlier
+reports' roofline was too low and numbanorm's "of copy" too high. PyTorch then
+followed numbanorm, and measured 0-16 % slower right after it than in calls of
+its own in a row, outside the report (32x256x14x14 float32 backward: 223
+against 193 µs); in the report, this order and that one gave PyTorch the same
+times within the run-to-run noise (two runs each). The rounds also used to
+start one contender later each time, which put others after PyTorch at the seams.
 
 Bandwidth is the least traffic an operation needs (``TRAFFIC``: the training
 forward reads x twice and writes y, 3x the array; the backward 5x; inference
@@ -78,19 +81,24 @@ def parallel_copy(src, dst, chunks):
 
 
 class Contender:
-    """A function to time, the Numba thread count to time it with, and its samples."""
+    """A function to time, the thread count to time it with, and its samples.
 
-    def __init__(self, name, function, threads):
+    ``library`` is the module whose ``get_num_threads``/``set_num_threads`` the
+    thread count goes to: Numba (the default) or PyTorch.
+    """
+
+    def __init__(self, name, function, threads, library=numba):
         self.name = name
         self.function = function
         self.threads = threads
+        self.library = library
         self.number = 1
         self.samples = []
 
     def sample(self):
         """Seconds per call, over ``number`` calls in a row."""
-        previous = numba.get_num_threads()
-        numba.set_num_threads(self.threads)
+        previous = self.library.get_num_threads()
+        self.library.set_num_threads(self.threads)
         try:
             function = self.function
             start = time.perf_counter()
@@ -98,7 +106,7 @@ class Contender:
                 function()
             return (time.perf_counter() - start) / self.number
         finally:
-            numba.set_num_threads(previous)
+            self.library.set_num_threads(previous)
 
     def calibrate(self, sample_seconds):
         """Choose ``number`` so that one sample lasts about ``sample_seconds``.
@@ -123,22 +131,25 @@ class Contender:
         return statistics.median(self.samples)
 
 
-def contenders_for(mine, theirs, src, threads):
+def contenders_for(mine, theirs, src, threads, torch):
     """The contenders of one row, in the order of their cycle (see the module's docstring).
 
+    Each library runs on one thread, then on ``threads``: each one's timed run
+    follows its own, on the same data (its threads asleep, its arrays in cache).
     The copies copy ``src`` into a new array, as the operations write theirs:
     above glibc's mmap threshold every new array costs page faults, the copy's
-    included. The one-thread copy comes right after PyTorch, whose threads
-    still spin then.
+    included. What follows PyTorch, whose threads still spin then, runs on one thread.
     """
     contenders = [
+        Contender("numbanorm_1", mine, 1),
         Contender("numbanorm", mine, threads),
-        Contender("torch", theirs, threads),
-        Contender("copy_numpy", src.copy, threads),
         Contender("copy_numba", lambda: parallel_copy(src, np.empty_like(src), threads), threads),
+        Contender("copy_numpy", src.copy, threads),
+        Contender("torch_1", theirs, 1, torch),
+        Contender("torch", theirs, threads, torch),
     ]
-    if threads > 1:
-        contenders.append(Contender("numbanorm_1", mine, 1))
+    if threads == 1:
+        contenders = [c for c in contenders if c.name not in ("numbanorm_1", "torch_1")]
     return contenders
 
 
@@ -180,7 +191,7 @@ def measure(args, torch, progress):
                 if not error <= TOLERANCE[dtype]:
                     mismatches.append(f"{op} {case} {dtype}: relative error {error:.2e} > {TOLERANCE[dtype]:.0e}")
                     continue
-                contenders = contenders_for(mine.run, theirs.run, src, args.threads)
+                contenders = contenders_for(mine.run, theirs.run, src, args.threads, torch)
                 times = interleaved(contenders, args.repeats, args.sample_seconds)
                 del mine, theirs
                 rows.append(dict(op=op, case=case, dtype=dtype, nbytes=data.nbytes, error=error, **times))

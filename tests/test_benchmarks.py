@@ -12,6 +12,7 @@ import pathlib
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -127,19 +128,25 @@ def test_the_report_runs_as_a_script_after_the_tests_cached_its_copy():
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_the_one_thread_copy_and_nothing_else_follows_pytorch(threads):
+def test_only_one_thread_runs_after_pytorch_and_each_library_after_its_own_one_thread_run(threads):
     # PyTorch's OpenMP threads spin for milliseconds after its calls. The parallel copy
     # that followed it in every round measured 1.4-2.0x slower, and so did the roofline.
-    # Right after PyTorch, in a round or across two, comes NumPy's copy, on one thread.
+    # In every round and across rounds, what comes right after PyTorch runs on one thread,
+    # and each library's timed run comes right after its own one-thread run.
     order = []
-    contenders = contenders_for(lambda: None, lambda: None, np.zeros(4, np.float32), threads)
+    torch = types.SimpleNamespace(get_num_threads=lambda: threads, set_num_threads=lambda n: None)
+    contenders = contenders_for(lambda: None, lambda: None, np.zeros(4, np.float32), threads, torch)
     for contender in contenders:
         contender.calibrate = lambda sample_seconds: None
         contender.sample = lambda name=contender.name: order.append(name) or 0.0
     interleaved(contenders, repeats=3 * len(contenders), sample_seconds=0.01)
     assert len(order) == 3 * len(contenders) ** 2
-    assert {after for before, after in zip(order, order[1:]) if before == "torch"} == {"copy_numpy"}
-    assert [contender.name for contender in contenders].count("numbanorm_1") == (threads > 1)
+    threads_of = {contender.name: contender.threads for contender in contenders}
+    after = lambda name: {b for a, b in zip(order, order[1:]) if a == name}  # noqa: E731
+    assert {threads_of[name] for name in after("torch")} == {1}
+    if threads > 1:
+        assert after("numbanorm_1") == {"numbanorm"} and after("torch_1") == {"torch"}
+    assert all((contender.library is torch) == contender.name.startswith("torch") for contender in contenders)
 
 
 def test_one_slow_call_does_not_make_a_contender_time_single_calls():
