@@ -454,11 +454,11 @@ def _row_groups(out, start, stop):
     Groups of 8 rows were 4-14 % slower than groups of 4, groups of 2 the same;
     grouping rows of 4 KB gained nothing, rows of 8 KB went either way (2048x2048
     float32 inference 1.25x the time, 2048x1024 float64 0.95-1.04x). The
-    backward's pass, with its five per-feature rows, gained from groups once they
-    no longer needed an aligned allocation: the training backward of 512x8192
-    and 256x16384 float32 took 0.885-0.95 of its time, of 512x8192, 128x32768
-    and 2x1024x1x4096 float64 and float32 0.97-0.99 (A/B through the API,
-    medians of 15-21).
+    backward's pass, with its five per-feature rows, runs in groups too: the
+    training backward of 512x8192 and 256x16384 float32 took 0.885-0.95 of its
+    time, of 512x8192, 128x32768 and 2x1024x1x4096 float64 and float32
+    0.97-0.99 (A/B through the API, medians of 15-21). (An earlier session's
+    groups for the backward, with outputs allocated aligned, gained nothing.)
     """
     itemsize = out.itemsize
     row_bytes = out.shape[1] * itemsize
