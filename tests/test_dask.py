@@ -464,7 +464,6 @@ def test_array_100x_larger_than_a_chunk_on_the_cluster(client):
     np.testing.assert_allclose(invstd, in_memory_invstd, rtol=1e-10)
 
 
-
 @given(split_every=st.integers(2, 10**6), axes=st.integers(0, 4))
 def test_the_fan_in_is_the_integer_root_of_split_every(split_every, axes):
     # Shared among the reduced axes that have several blocks: the largest r with
