@@ -659,7 +659,8 @@ def test_a_constant_feature_gives_beta(dtype, shape, axis):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 # (1, 2, 256, 256): one block holds 65536 values of a feature (_kernels.BLOCK_BYTES).
-@pytest.mark.parametrize("shape, axis", [((4096, 2), 1), ((1, 2, 256, 256), 1), ((64, 8, 8, 2), -1)])
+# (10, 2, 64, 64): float32 blocks of 8 rows, their runs four at a time, then 2 rows one at a time.
+@pytest.mark.parametrize("shape, axis", [((4096, 2), 1), ((1, 2, 256, 256), 1), ((10, 2, 64, 64), 1), ((64, 8, 8, 2), -1)])
 @pytest.mark.parametrize("path", ["serial", "parallel"])
 def test_an_outlying_first_value_keeps_the_statistics_exact(dtype, shape, axis, path):
     # The worst case of the one-pass block statistics (_kernels._block_stats): they
@@ -899,7 +900,8 @@ def test_small_nchw_batches_split_their_reductions_by_features(shape, chunks, by
 
 @pytest.mark.parametrize("chunks", [2, 3, 8])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(1, 7, 50), (2, 5, 9), (3, 6, 20), (1, 1, 40), (5, 2, 3)])
+# (5, 16, 9) and (9, 4, 6): split by features, with runs four rows at a time (_kernels.QUAD_RUNS_MAX).
+@pytest.mark.parametrize("shape", [(1, 7, 50), (2, 5, 9), (3, 6, 20), (1, 1, 40), (5, 2, 3), (5, 16, 9), (9, 4, 6)])
 def test_kernels_split_small_batches_by_features_and_runs(shape, dtype, chunks):
     # (N, C, H, W) data with few rows: the reductions give each slab features
     # (_kernels._splits_features), the element-wise passes runs x[n, c] (_kernels._units),
