@@ -68,11 +68,11 @@ GRAD_SUPER_MIN_ROWS = 16
 # The backward's sums over (N, C, H, W) runs of at most this many values take the runs of
 # four images at a time (``_runs_grad_sums``); the statistics take four at a time whatever
 # their length (``_block_stats``). Kernel level, two threads, against one run at a time
-# (medians of 21, two or three runs): the sums of 7x7 to 16x16 runs took 0.69-0.95 of the
-# time (32x256x14x14 float32 0.95, float64 0.78-0.85). Longer runs went either way: 28x28
-# float32 0.80-1.04 kernel level and 0.94-1.06 through the API, float64 0.80-0.92; 32x32
-# float32 1.00-1.28, float64 0.76; 56x56 float32 1.0-1.23, float64 0.90-1.07. The
-# statistics took 0.66-0.89 from 7x7 to 56x56 runs, batches of 1-3 unchanged.
+# (medians of 21, two or three runs): the sums of 4x4 to 16x16 runs took 0.69-0.97 of the
+# time (32x256x14x14 float32 0.95-1.00, float64 0.78-0.85). Longer runs went either way:
+# 28x28 float32 0.80-1.04 kernel level and 0.94-1.06 through the API, float64 0.80-0.93;
+# 32x32 float32 1.00-1.28, float64 0.76; 56x56 float32 1.0-1.23, float64 0.90-1.07. The
+# statistics took 0.66-0.97 from 7x7 to 56x56 runs, batches of 1-3 unchanged.
 QUAD_RUNS_MAX = 256
 # Rows of at least this many bytes run ROWS at a time through the element-wise passes of
 # the training forward, inference and the training backward (``_row_groups``).
