@@ -541,6 +541,24 @@ def test_every_operation_on_zero_features_returns_empty_results(shape, path):
     np.testing.assert_array_equal(dgamma, 0.0)
 
 
+@pytest.mark.parametrize("path", ["serial", "parallel", "streamed"])
+@pytest.mark.parametrize("shape", [(4, 3, 0), (2, 3, 0, 5)])
+def test_empty_runs_give_empty_results(shape, path):
+    # Features, but no values in each run x[n, c]: the element-wise passes step through the
+    # runs ``inner`` values at a time (_kernels.RUN_VECTORS_MAX), here by zero.
+    x = np.empty(shape, np.float32)
+    zeros, ones = np.zeros(3), np.ones(3)
+    with kernel_path(path):
+        y, mean, invstd = numbanorm.batch_norm_forward(x, training=False, running_mean=zeros, running_var=ones)
+        results = [numbanorm.batch_norm_backward(x, x, zeros, ones, training=training) for training in (True, False)]
+    assert y.shape == shape and y.dtype == np.float32
+    np.testing.assert_array_equal(mean, 0.0)
+    for dx, dgamma, dbeta in results:
+        assert dx.shape == shape and dx.dtype == np.float32
+        np.testing.assert_array_equal(dgamma, 0.0)
+        np.testing.assert_array_equal(dbeta, 0.0)
+
+
 # --- numerics --------------------------------------------------------------------------------
 
 

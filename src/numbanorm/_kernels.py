@@ -36,6 +36,9 @@ from ._vectors import (
     ROWS,
     VECTOR_BYTES,
     address,
+    run_grad_input,
+    run_normalize,
+    run_scale,
     store_fence,
     vector_grad_input,
     vector_grad_input_rows,
@@ -74,6 +77,14 @@ GRAD_SUPER_MIN_ROWS = 16
 # 32x32 float32 1.00-1.28, float64 0.76; 56x56 float32 1.0-1.23, float64 0.90-1.07. The
 # statistics took 0.66-0.97 from 7x7 to 56x56 runs, batches of 1-3 unchanged.
 QUAD_RUNS_MAX = 256
+# The element-wise passes over (N, C, H, W) runs of at most this many values compute each
+# run in explicit vectors (``_vectors.run_normalize``), longer runs in LLVM's loop (unrolled,
+# in 64-byte vectors). Kernel level, two threads, the backward's pass against LLVM's loop:
+# runs of 4x4 float32 0.66 of the time, 7x7 0.83-0.85 (float64 0.98), 14x14 1.00 (float64
+# 0.91); 28x28 1.00, 56x56 0.96, 112x112 1.04. Through the API (A/B in blocks of one
+# operation, medians of 21): 64x256x4x4 0.65-0.92 of the time, 32x512x7x7 and 8x64x7x7
+# float32 0.89-0.98 and float64 0.93-0.99, 14x14 and longer 0.92-1.04.
+RUN_VECTORS_MAX = 256
 # Rows of at least this many bytes run ROWS at a time through the element-wise passes of
 # the training forward, inference and the training backward (``_row_groups``).
 WIDE_ROW_BYTES = 16384
@@ -586,10 +597,19 @@ def _normalize_row_groups(x, start, stop, head, params, stream, y):
 
 @inline_jit
 def _normalize_runs(x, first, last, params, y):
-    """``_slab_normalize`` on runs ``first:last`` (``_units``) of ``(N, C, H, W)`` data."""
+    """``_slab_normalize`` on runs ``first:last`` (``_units``) of ``(N, C, H, W)`` data.
+
+    Short runs (``RUN_VECTORS_MAX``) in explicit vectors, one call a run.
+    """
     hi, scale, shift = params[MEAN_HI], params[SCALE], params[SHIFT]
-    features = x.shape[1]
+    features, inner = x.shape[1], x.shape[2]
     n, c = first // features, first % features
+    if 0 < inner <= RUN_VECTORS_MAX:
+        flat_x, flat_y = x.reshape(-1), y.reshape(-1)
+        for start in range(first * inner, last * inner, inner):
+            run_normalize(flat_y, start, start + inner, flat_x, hi[c], scale[c], shift[c])
+            c = c + 1 if c + 1 < features else 0
+        return
     for _ in range(first, last):
         centre, factor, offset = hi[c], scale[c], shift[c]
         run = x[n, c]
@@ -813,11 +833,17 @@ def _grad_input_row_groups(dy, x, start, stop, head, params, stream, dx):
 
 @inline_jit
 def _grad_input_runs(dy, x, first, last, params, dx):
-    """``_slab_grad_input`` on runs ``first:last`` (``_units``) of ``(N, C, H, W)`` data."""
+    """``_slab_grad_input`` on runs ``first:last`` (``_units``) of ``(N, C, H, W)`` data, as ``_normalize_runs``."""
     hi, invstd = params[MEAN_HI], params[INVSTD]
     dy_scale, xhat_scale, offset = params[DY_SCALE], params[XHAT_SCALE], params[OFFSET]
-    features = x.shape[1]
+    features, inner = x.shape[1], x.shape[2]
     n, c = first // features, first % features
+    if 0 < inner <= RUN_VECTORS_MAX:
+        flat_dy, flat_x, flat_dx = dy.reshape(-1), x.reshape(-1), dx.reshape(-1)
+        for start in range(first * inner, last * inner, inner):
+            run_grad_input(flat_dx, start, start + inner, flat_dy, flat_x, hi[c], invstd[c], dy_scale[c], xhat_scale[c], offset[c])
+            c = c + 1 if c + 1 < features else 0
+        return
     for _ in range(first, last):
         centre, scale = hi[c], invstd[c]
         a, b, d = dy_scale[c], xhat_scale[c], offset[c]
@@ -871,10 +897,16 @@ def _scale_vectors(dy, start, stop, params, stream, dx):
 
 @inline_jit
 def _scale_runs(dy, first, last, params, dx):
-    """``_slab_scale`` on runs ``first:last`` (``_units``) of ``(N, C, H, W)`` data."""
+    """``_slab_scale`` on runs ``first:last`` (``_units``) of ``(N, C, H, W)`` data, as ``_normalize_runs``."""
     dy_scale = params[DY_SCALE]
-    features = dy.shape[1]
+    features, inner = dy.shape[1], dy.shape[2]
     n, c = first // features, first % features
+    if 0 < inner <= RUN_VECTORS_MAX:
+        flat_dy, flat_dx = dy.reshape(-1), dx.reshape(-1)
+        for start in range(first * inner, last * inner, inner):
+            run_scale(flat_dx, start, start + inner, flat_dy, dy_scale[c])
+            c = c + 1 if c + 1 < features else 0
+        return
     for _ in range(first, last):
         a = dy_scale[c]
         grad_run = dy[n, c]
@@ -1018,6 +1050,15 @@ def _channel_runs(dy, x, c, params, training, dx):
     """``_slab_grad_input`` (``training``) or ``_slab_scale`` on the runs ``x[:, c]`` of channel ``c``."""
     hi, invstd = params[MEAN_HI, c], params[INVSTD, c]
     dy_scale, xhat_scale, offset = params[DY_SCALE, c], params[XHAT_SCALE, c], params[OFFSET, c]
+    features, inner = x.shape[1], x.shape[2]
+    if 0 < inner <= RUN_VECTORS_MAX:  # as _grad_input_runs and _scale_runs, value for value
+        flat_dy, flat_x, flat_dx = dy.reshape(-1), x.reshape(-1), dx.reshape(-1)
+        for start in range(c * inner, x.shape[0] * features * inner, features * inner):
+            if training:
+                run_grad_input(flat_dx, start, start + inner, flat_dy, flat_x, hi, invstd, dy_scale, xhat_scale, offset)
+            else:
+                run_scale(flat_dx, start, start + inner, flat_dy, dy_scale)
+        return
     for n in range(x.shape[0]):
         grad_run = dy[n, c]
         out_run = dx[n, c]
