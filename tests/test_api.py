@@ -780,11 +780,13 @@ def test_a_masked_array_with_nothing_masked_is_taken_as_its_data():
 
 @pytest.fixture
 def plain_kernels(monkeypatch):
-    """The kernels that write into caller's arrays, made to fail on an ndarray subclass.
+    """Every kernel the API calls, made to fail on an ndarray subclass.
 
     Numba compiles for no subclass, but once a function is compiled for plain arrays
     its dispatcher takes a subclass with the same dtype and shape as one: without this,
     whether a subclass reached a kernel would depend on what the process ran before.
+    The check wraps ``api``'s view of the module, not the module: a kernel compiled
+    during the test must find Numba functions among its globals, not these wrappers.
     """
 
     def plain_only(kernel):
@@ -795,8 +797,12 @@ def plain_kernels(monkeypatch):
 
         return checked
 
-    for name in ("forward_train", "normalize", "grad_input", "backward", "update_running"):
-        monkeypatch.setattr(_kernels, name, plain_only(getattr(_kernels, name)))
+    class Checked:
+        def __getattr__(self, name):
+            value = getattr(_kernels, name)
+            return plain_only(value) if callable(value) else value
+
+    monkeypatch.setattr(api, "_kernels", Checked())
 
 
 def _subclass(kind, a, tmp_path):
@@ -940,9 +946,9 @@ def test_kernels_split_small_batches_by_features_and_runs(shape, dtype, chunks):
     np.testing.assert_allclose(sums[2], sums[0], rtol=1e-12, atol=1e-12 * np.abs(dy).sum())
     np.testing.assert_allclose(sums[3], sums[1], rtol=1e-12, atol=1e-12 * np.abs(dy * x).sum())
     invstd = 1 / np.sqrt(m2 / count + 1e-5)
-    forward = _kernels.new_params(_kernels.FORWARD_ROWS, x)
+    forward = _kernels.new_params(_kernels.FORWARD_ROWS, x, x)
     _kernels.normalize_params(mean, invstd, np.ones(features), np.zeros(features), forward)
-    backward = _kernels.new_params(_kernels.BACKWARD_ROWS, x)
+    backward = _kernels.new_params(_kernels.BACKWARD_ROWS, x, x)
     _kernels.grad_params(mean, invstd, np.ones(features), sums[0], sums[1] * invstd, float(count), backward)
     expected = {
         "normalize": reference.forward(x, eps=1e-5)[0],
@@ -1102,6 +1108,85 @@ def test_wide_rows_run_in_groups_and_match(dtype, path):
             np.testing.assert_array_equal(in_dy, dx)
             numbanorm.batch_norm_backward(dy, in_x, mean, invstd, out=in_x)
             np.testing.assert_array_equal(in_x, dx)
+
+
+def at_line_offset(values, dtype, offset):
+    """A new 1-D array of ``values`` values that starts ``offset`` bytes past a 64-byte line."""
+    buffer = np.empty(values + 64, dtype=dtype)
+    start = (offset - buffer.ctypes.data) % _kernels.LINE_BYTES // buffer.itemsize
+    return buffer[start : start + values]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_per_feature_rows_start_where_the_output_does_in_a_line(dtype):
+    # _kernels.new_params: the vectors align on the output, and read the per-feature rows at
+    # the same features; each row starts at the output's offset within a 64-byte line, so
+    # that they read within one line too. The columns past the features repeat the first ones.
+    itemsize = np.dtype(dtype).itemsize
+    rng = np.random.default_rng(itemsize)
+    for features in (1, 5, 64, 1000):
+        x = rng.normal(size=(3, features, 1)).astype(dtype)
+        mean, invstd = rng.normal(size=features), rng.uniform(0.5, 2, features)
+        for offset in range(0, _kernels.LINE_BYTES, itemsize):
+            out = at_line_offset(x.size, dtype, offset).reshape(x.shape)
+            for rows in (_kernels.FORWARD_ROWS, _kernels.BACKWARD_ROWS):
+                params = _kernels.new_params(rows, x, out)
+                assert params.dtype == dtype and params.flags.c_contiguous and params.flags.writeable
+                assert params.shape[0] == rows and params.shape[1] >= features + _kernels.PARAMS_PAD
+                for row in params:
+                    assert row.ctypes.data % _kernels.LINE_BYTES == offset
+            params = _kernels.new_params(_kernels.FORWARD_ROWS, x, out)
+            _kernels.normalize_params(mean, invstd, np.ones(features), np.zeros(features), params)
+            pad = np.arange(features, features + _kernels.PARAMS_PAD) % features
+            np.testing.assert_array_equal(params[:, features : features + _kernels.PARAMS_PAD], params[:, pad])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(0, 3, 1), (5, 3, 1), (4, 7, 9), (600, 512, 1)])
+def test_new_outputs_start_where_their_input_does_in_a_line(shape, dtype):
+    # _kernels.new_like: x's shape and dtype, C-contiguous, its own memory, at x's offset
+    # within a 64-byte line (the vector kernels align on the output and read x at the same
+    # index). The API takes it for new outputs from ALIGNED_OUTPUT_MIN_BYTES on.
+    itemsize = np.dtype(dtype).itemsize
+    size = int(np.prod(shape))
+    for offset in range(0, _kernels.LINE_BYTES, itemsize):
+        x = at_line_offset(size, dtype, offset).reshape(shape)
+        x[...] = 1.0
+        y = _kernels.new_like(x)
+        assert y.shape == x.shape and y.dtype == x.dtype and y.flags.c_contiguous and y.flags.writeable
+        assert y.ctypes.data % _kernels.LINE_BYTES == offset or not size  # an empty array's address is NumPy's
+        assert not np.shares_memory(y, x)
+        y[...] = 2.0
+        assert (x == 1.0).all()
+        new = api._new_output(x)
+        assert new.shape == x.shape and new.dtype == x.dtype and not np.shares_memory(new, x)
+        if x.nbytes >= api.ALIGNED_OUTPUT_MIN_BYTES:
+            assert new.ctypes.data % _kernels.LINE_BYTES == offset
+    # Through the API: a new result from 1 MiB on starts where x does, with the values an
+    # output at any other offset receives.
+    rows, features = api.ALIGNED_OUTPUT_MIN_BYTES // (64 * itemsize) + 3, 64
+    rng = np.random.default_rng(rows)
+    for offset in (0, 16, 32):
+        x = at_line_offset(rows * features, dtype, offset).reshape(rows, features)
+        x[...] = rng.normal(size=x.shape)
+        y, mean, invstd = numbanorm.batch_norm_forward(x)
+        dx = numbanorm.batch_norm_backward(x, x, mean, invstd)[0]
+        for result in (y, dx):
+            assert result.ctypes.data % _kernels.LINE_BYTES == offset
+        out = at_line_offset(x.size, dtype, offset + itemsize).reshape(x.shape)
+        numbanorm.batch_norm_forward(x, out=out)
+        np.testing.assert_array_equal(out, y)
+        numbanorm.batch_norm_backward(x, x, mean, invstd, out=out)
+        np.testing.assert_array_equal(out, dx)
+
+
+def test_new_outputs_near_the_mmap_threshold_come_from_numpy():
+    # One line more would take a 32 MiB output past glibc's mmap threshold: fresh pages at
+    # each call, without the huge pages NumPy asks for (api._new_output).
+    x = np.empty((api.FRESH_PAGES_BYTES // (64 * 8), 64, 1))
+    new = api._new_output(x)
+    assert new.shape == x.shape and new.flags.owndata
+    assert not api._new_output(x[: x.shape[0] // 2]).flags.owndata  # from Numba's allocator
 
 
 def test_only_large_rows_are_streamed(monkeypatch):
