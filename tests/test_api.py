@@ -1162,8 +1162,13 @@ def test_new_outputs_start_where_their_input_does_in_a_line(shape, dtype):
         assert new.shape == x.shape and new.dtype == x.dtype and not np.shares_memory(new, x)
         if x.nbytes >= api.ALIGNED_OUTPUT_MIN_BYTES:
             assert new.ctypes.data % _kernels.LINE_BYTES == offset
-    # Through the API: a new result from 1 MiB on starts where x does, with the values an
-    # output at any other offset receives.
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_new_results_start_where_x_does_in_a_line(dtype):
+    # Through the API: a new result from ALIGNED_OUTPUT_MIN_BYTES on starts where x does,
+    # with the values an output at any other offset receives.
+    itemsize = np.dtype(dtype).itemsize
     rows, features = api.ALIGNED_OUTPUT_MIN_BYTES // (64 * itemsize) + 3, 64
     rng = np.random.default_rng(rows)
     for offset in (0, 16, 32):
