@@ -179,3 +179,37 @@ def test_the_cold_start_script_times_numbanorm_and_imports_a_preload_first():
     text = "\n".join(report.render([], 2, cold))
     assert "cold start: import + first call with a warm cache 1.10 s ≥ 1 s" in text
     assert "scipy.linalg" in text
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("chunks", [1, 2, 3])
+def test_the_plain_passes_do_the_work_they_stand_for_on_every_value(dtype, chunks):
+    # benchmarks/passes.py times each kernel beside a "plain" pass over the same arrays:
+    # a plain pass that skipped values would make the kernels look slow.
+    from benchmarks import passes
+
+    rng = np.random.default_rng(chunks)
+    x = passes.page_array((37, 5), dtype)
+    assert x.ctypes.data % 4096 == passes.PAGE_OFFSET and x.shape == (37, 5, 1)
+    x[...] = rng.uniform(1.0, 2.0, size=x.shape)
+    dy = rng.uniform(1.0, 2.0, size=x.shape).astype(dtype)
+    c = dtype(0.5)
+    out = np.full(x.shape, np.nan, dtype)
+    passes.plain_normalize(x, c, chunks, out)
+    np.testing.assert_allclose(out, (x - c) * c + c, rtol=1e-6)
+    out[...] = np.nan
+    passes.plain_grad_input(dy, x, c, chunks, out)
+    np.testing.assert_allclose(out, dy * c - ((x - c) * c) * c - c, rtol=1e-6, atol=1e-6)
+    assert passes.plain_read(x, np.empty((0, 0, 1), dtype), chunks) == pytest.approx(x.sum(dtype=np.float64), rel=1e-5)
+    both = x.sum(dtype=np.float64) + dy.sum(dtype=np.float64)
+    assert passes.plain_read(x, dy, chunks) == pytest.approx(both, rel=1e-5)
+
+
+def test_the_passes_script_prints_a_row_for_each_shape_and_dtype():
+    result = subprocess.run(
+        [sys.executable, "benchmarks/passes.py", "--shapes", "64x32", "8x1000", "--repeats", "1", "--number", "1"],
+        cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| 64x32 |", "| 8x1000 |"))]
+    assert len(rows) == 4 and all(line.count("|") == 11 for line in rows), result.stdout
