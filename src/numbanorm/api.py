@@ -9,10 +9,10 @@ negative strides), float16 (computed in float32), integers and bools (float64),
 non-native byte order, and in a mixed-precision backward the lower-precision
 array. An ``out`` the kernels cannot write directly receives a copy.
 
-A new result of 1 MiB to 32 MiB is a view into a buffer one cache line longer,
-placed at the input's offset within a line (``_new_output``): its values,
-dtype, shape and order are as any other result's, but ``owndata`` is False and
-``ndarray.resize`` refuses it. Pass ``out`` for an array of your own.
+A new result of 1 MiB to 32 MiB is usually a view into a buffer one cache line
+longer, placed at the input's offset within a line (``_new_output``): its
+values, dtype, shape and order are as any other result's, but ``owndata`` is
+False and ``ndarray.resize`` refuses it. Pass ``out`` for an array of your own.
 """
 
 import math
@@ -510,8 +510,8 @@ def batch_norm_forward(
     y : ndarray
         Same shape and dtype as ``x`` (float64 for integer input), in ``x``'s
         memory order when that is C or Fortran; ``out`` when given. A new
-        result of 1-32 MiB is a view that does not own its memory (see the
-        module's docstring).
+        result of 1-32 MiB may be a view that does not own its memory (see
+        the module's docstring).
     mean, invstd : ndarray of float64, shape ``(x.shape[axis],)``
         The statistics used, ``invstd = 1 / sqrt(var + eps)``: what
         :func:`batch_norm_backward` takes.
@@ -654,8 +654,8 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=1, training=Tru
     -------
     dx : ndarray
         Shape of ``x``, dtype of ``x`` and ``dy`` promoted together; ``out``
-        when given. A new result of 1-32 MiB is a view that does not own its
-        memory (see the module's docstring).
+        when given. A new result of 1-32 MiB may be a view that does not own
+        its memory (see the module's docstring).
     dgamma, dbeta : ndarray, shape ``(x.shape[axis],)``
         ``sum(dy * xhat)`` and ``sum(dy)`` over all but the feature axis,
         in the dtype of ``dx`` (float32 when that is float16, whose range a
