@@ -258,6 +258,49 @@ def test_every_pass_in_place_matches_one_into_a_new_array(shape, axis, dtype, pa
                 np.testing.assert_array_equal(out, expected, err_msg=f"{name} in place of {target}")
 
 
+@pytest.mark.parametrize(
+    "dtype, inner",
+    [
+        (np.float32, _kernels.RUN_VECTORS_MAX),
+        (np.float32, _kernels.RUN_VECTORS_MAX + 1),
+        (np.float64, _kernels.RUN_VECTORS_MAX_FLOAT64),
+        (np.float64, _kernels.RUN_VECTORS_MAX_FLOAT64 + 1),
+    ],
+)
+@pytest.mark.parametrize("path", PATHS)
+def test_runs_on_either_side_of_the_explicit_vectors_limit(dtype, inner, path):
+    # (N, C, H, W) runs up to a dtype's limit (_kernels._run_vectors) take explicit vectors, one
+    # call a run, longer ones LLVM's loop: every element-wise pass on both sides, into a new
+    # array and in place, against the float64 reference.
+    rng = np.random.default_rng(11)
+    shape = (3, 5, inner)
+    x = (rng.normal(size=shape) * 3 + 5).astype(dtype)
+    dy = rng.normal(size=shape).astype(dtype)
+    gamma, beta = rng.uniform(0.5, 2, 5), rng.normal(size=5)
+    running_mean, running_var = rng.normal(size=5), rng.uniform(0.5, 2, 5)
+    with kernel_path(path):
+        y, mean, invstd = numbanorm.batch_norm_forward(x, gamma, beta)
+        y_infer, _, _ = numbanorm.batch_norm_forward(x, gamma, beta, training=False, running_mean=running_mean, running_var=running_var)
+        dx, dgamma, dbeta = numbanorm.batch_norm_backward(dy, x, mean, invstd, gamma)
+        dx_infer, _, _ = numbanorm.batch_norm_backward(dy, x, mean, invstd, gamma, training=False)
+        in_place = x.copy(), dy.copy()
+        numbanorm.batch_norm_forward(in_place[0], gamma, beta, out=in_place[0])
+        numbanorm.batch_norm_backward(in_place[1], x, mean, invstd, gamma, out=in_place[1])
+    ref_y, ref_mean, ref_invstd, _, _ = reference.forward(x, gamma, beta)
+    assert_close(y, ref_y, dtype)
+    assert_close(mean, ref_mean, dtype)
+    assert_close(invstd, ref_invstd, dtype)
+    assert_close(y_infer, reference.forward(x, gamma, beta, training=False, running_mean=running_mean, running_var=running_var)[0], dtype)
+    ref_dx, ref_dgamma, ref_dbeta = reference.backward(dy, x, mean, invstd, gamma)
+    xhat = (x.astype(np.float64) - mean[:, None]) * invstd[:, None]
+    assert_close(dx, ref_dx, dtype, scale=np.abs(ref_dx).max() + np.abs(dy).max())
+    assert_close(dgamma, ref_dgamma, dtype, scale=feature_sums(dy * xhat, 1))
+    assert_close(dbeta, ref_dbeta, dtype, scale=feature_sums(dy, 1))
+    assert_close(dx_infer, reference.backward(dy, x, mean, invstd, gamma, training=False)[0], dtype)
+    np.testing.assert_array_equal(in_place[0], y)
+    np.testing.assert_array_equal(in_place[1], dx)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape, axis", [((300, 17), 1), ((6, 3, 50), 1), ((6, 50, 3), -1)])
 @pytest.mark.parametrize("path", PATHS)

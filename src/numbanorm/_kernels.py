@@ -89,6 +89,13 @@ QUAD_RUNS_MAX = 256
 # operation, medians of 21): 64x256x4x4 0.65-0.92 of the time, 32x512x7x7 and 8x64x7x7
 # float32 0.89-0.98 and float64 0.93-0.99, 14x14 and longer 0.92-1.04.
 RUN_VECTORS_MAX = 256
+# Float64 runs up to this many values take the explicit vectors as well (``_run_vectors``):
+# LLVM's loop handled them worse than it does float32's. Kernel level, two threads, against
+# LLVM's loop (medians of 15, two or three runs): the normalization of 64x64x28x28 0.82-0.84
+# of the time, of 64x64x24x24 0.90-0.95, of 32x64x32x32 0.92, the backward's pass 0.92-0.98;
+# longer runs went either way (56x56 0.91-0.97 and 0.90-1.05, 112x112 0.97-1.01 and 0.97-1.05).
+# Float32 runs of 20x20 to 112x112 stayed at 0.96-1.04 with them, and stay with LLVM's loop.
+RUN_VECTORS_MAX_FLOAT64 = 1024
 # Rows of at least this many bytes run ROWS at a time through the element-wise passes of
 # the training forward, inference and the training backward (``_row_groups``).
 WIDE_ROW_BYTES = 16384
@@ -388,6 +395,13 @@ def _units(x):
     return outer if inner == 1 else outer * features
 
 
+@inline_jit
+def _run_vectors(a):
+    """Whether the element-wise passes compute the ``(N, C, H, W)`` runs of ``a`` in explicit
+    vectors, one call a run (``RUN_VECTORS_MAX``), rather than in LLVM's loop."""
+    return 0 < a.shape[2] <= (RUN_VECTORS_MAX_FLOAT64 if a.itemsize == 8 else RUN_VECTORS_MAX)
+
+
 @parallel_jit
 def partial_stats(x, chunks, mean, m2):
     """Per-feature mean and m2 (sum of squared deviations) of ``x`` into ``mean``/``m2``.
@@ -608,12 +622,12 @@ def _normalize_row_groups(x, start, stop, head, params, stream, y):
 def _normalize_runs(x, first, last, params, y):
     """``_slab_normalize`` on runs ``first:last`` (``_units``) of ``(N, C, H, W)`` data.
 
-    Short runs (``RUN_VECTORS_MAX``) in explicit vectors, one call a run.
+    Short runs (``_run_vectors``) in explicit vectors, one call a run.
     """
     hi, scale, shift = params[MEAN_HI], params[SCALE], params[SHIFT]
     features, inner = x.shape[1], x.shape[2]
     n, c = first // features, first % features
-    if 0 < inner <= RUN_VECTORS_MAX:
+    if _run_vectors(x):
         flat_x, flat_y = x.reshape(-1), y.reshape(-1)
         for start in range(first * inner, last * inner, inner):
             run_normalize(flat_y, start, start + inner, flat_x, hi[c], scale[c], shift[c])
@@ -885,7 +899,7 @@ def _grad_input_runs(dy, x, first, last, params, dx):
     dy_scale, xhat_scale, offset = params[DY_SCALE], params[XHAT_SCALE], params[OFFSET]
     features, inner = x.shape[1], x.shape[2]
     n, c = first // features, first % features
-    if 0 < inner <= RUN_VECTORS_MAX:
+    if _run_vectors(x):
         flat_dy, flat_x, flat_dx = dy.reshape(-1), x.reshape(-1), dx.reshape(-1)
         for start in range(first * inner, last * inner, inner):
             run_grad_input(flat_dx, start, start + inner, flat_dy, flat_x, hi[c], invstd[c], dy_scale[c], xhat_scale[c], offset[c])
@@ -948,7 +962,7 @@ def _scale_runs(dy, first, last, params, dx):
     dy_scale = params[DY_SCALE]
     features, inner = dy.shape[1], dy.shape[2]
     n, c = first // features, first % features
-    if 0 < inner <= RUN_VECTORS_MAX:
+    if _run_vectors(dy):
         flat_dy, flat_dx = dy.reshape(-1), dx.reshape(-1)
         for start in range(first * inner, last * inner, inner):
             run_scale(flat_dx, start, start + inner, flat_dy, dy_scale[c])
@@ -1098,7 +1112,7 @@ def _channel_runs(dy, x, c, params, training, dx):
     hi, invstd = params[MEAN_HI, c], params[INVSTD, c]
     dy_scale, xhat_scale, offset = params[DY_SCALE, c], params[XHAT_SCALE, c], params[OFFSET, c]
     features, inner = x.shape[1], x.shape[2]
-    if 0 < inner <= RUN_VECTORS_MAX:  # as _grad_input_runs and _scale_runs, value for value
+    if _run_vectors(x):  # as _grad_input_runs and _scale_runs, value for value
         flat_dy, flat_x, flat_dx = dy.reshape(-1), x.reshape(-1), dx.reshape(-1)
         for start in range(c * inner, x.shape[0] * features * inner, features * inner):
             if training:
