@@ -1044,6 +1044,25 @@ def assert_rows_backward_close(dx, dgamma, dbeta, dy, x, mean, invstd):
     assert_close(dgamma, ref_dgamma, x.dtype, scale=sums)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("features", [_kernels.EIGHT_ROWS_MIN_FEATURES - 1, _kernels.EIGHT_ROWS_MIN_FEATURES])
+@pytest.mark.parametrize("rows", [2, 4, 7, 8, 12, 13, 19])
+def test_statistics_of_a_block_of_any_number_of_rows(rows, features, dtype):
+    # One block (the serial path, too few rows for super-rows): _kernels._block_stats reads
+    # eight rows at a time from EIGHT_ROWS_MIN_FEATURES features on, four below, then the
+    # rows left over one at a time. Data at 1e4 with a spread of 1e-3 and an outlying first
+    # row, whose values are the block's shift.
+    rng = np.random.default_rng(rows * features)
+    x = 1e4 + 1e-3 * rng.normal(size=(rows, features))
+    x[0] += 5e-3
+    x = x.astype(dtype)
+    with kernel_path("serial"):
+        mean, var = numbanorm.batch_norm_stats(x)
+    ref_mean, ref_var = reference.stats(x, 1)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-12)
+    np.testing.assert_allclose(var, ref_var, rtol=1e-9)
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("features", [1, 5, 64, 300, 512])

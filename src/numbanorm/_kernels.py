@@ -65,6 +65,14 @@ FEATURE_TILE = 1024
 # (``_grad_super_rows``).
 GRAD_SUPER_FEATURES = 4096
 GRAD_WIDE_MIN_VALUES = 2**20
+# The statistics of (N, C) blocks at least this many features wide take eight rows at a time
+# (``_block_stats``), narrower ones four. Kernel level, two threads, against the former four
+# rows (medians of 15, two or three runs): 65536x256 (super-rows of 1024 features) 0.78-0.81
+# of the time in float32 and 0.86 in float64, 4096x1024 and 512x8192 0.96-1.00; serial, in
+# L2, with ``_opaque_one`` both, 0.80-1.00 from 64 to 2048 features. But on blocks of 64 to
+# 128 features (arrays too small for super-rows: 32x128, 128x128) eight rows took 1.05-1.09x
+# the time, and 32x64 to 64x64 1.04-1.06x; with this limit, 0.97-0.99x.
+EIGHT_ROWS_MIN_FEATURES = 512
 # Fewest super-rows (``_super_rows``) worth reading narrow rows as super-rows, in the
 # statistics and in the backward's sums. Serial, float32: with 4 super-rows (64x64) the
 # statistics took 3.7 us with them and 1.7 without, the sums 3.3 and 2.0; with 16 (256x64,
@@ -164,6 +172,23 @@ def chan_merge(count, mean, m2, other_count, other_mean, other_m2):
     return total
 
 
+@inline_jit
+def _opaque_one(n):
+    """1.0, computed at run time from ``n`` so that LLVM cannot see it and fold ``x * one``.
+
+    The statistics write ``x - shift`` as ``x * one - shift``: the same value (the
+    product is exact, and the multiply-add rounds once), but computed on the FMA
+    pipes. As a subtraction it queued with the float32 -> float64 conversions and the
+    additions for the two FP add pipes (Zen 4 and 5), which bound the loop: on one
+    thread, in L2, the loop over float32 runs then handled 6.0-6.6 values a cycle, and
+    took 0.85-0.92 of the time with the multiply-add; on two threads, from L3, the
+    statistics of 64x64x28x28 and 32x256x14x14 float32 0.91-0.93. Float64 data, with no
+    conversions, gained nothing, and neither did the backward's sums, tried alike.
+    """
+    n = max(n, 1)
+    return float(n) / float(n)
+
+
 @jit
 def _block_stats(x, rows_start, rows_stop, features_start, features_stop, block_mean, block_m2):
     """Mean and m2 of one block: rows ``rows_start:rows_stop``, features ``features_start:features_stop``.
@@ -189,18 +214,32 @@ def _block_stats(x, rows_start, rows_stop, features_start, features_stop, block_
     width = features_stop - features_start
     block_mean[:] = 0.0
     block_m2[:] = 0.0
+    one = _opaque_one(rows_stop - rows_start)
     if inner == 1:
-        # Four rows at a time: each float64 accumulator is loaded and stored once per
-        # four values instead of once per value (the loops are bound by that traffic).
+        # Eight rows at a time on wide blocks (``EIGHT_ROWS_MIN_FEATURES``), then four, then
+        # one: each float64 accumulator is loaded and stored once per eight or four values
+        # instead of once per value.
         rows = x.reshape((outer, features))
         first = rows[rows_start, features_start:features_stop]
+        eight_stop = rows_start + (rows_stop - rows_start) // 8 * 8 if width >= EIGHT_ROWS_MIN_FEATURES else rows_start
         quad_stop = rows_start + (rows_stop - rows_start) // 4 * 4
-        for n in range(rows_start, quad_stop, 4):
+        for n in range(rows_start, eight_stop, 8):
+            a, b = rows[n, features_start:features_stop], rows[n + 1, features_start:features_stop]
+            c, d = rows[n + 2, features_start:features_stop], rows[n + 3, features_start:features_stop]
+            e, f = rows[n + 4, features_start:features_stop], rows[n + 5, features_start:features_stop]
+            g, h = rows[n + 6, features_start:features_stop], rows[n + 7, features_start:features_stop]
+            for j in range(width):
+                shift = np.float64(first[j])
+                da, db, dc, dd = a[j] * one - shift, b[j] * one - shift, c[j] * one - shift, d[j] * one - shift
+                de, df, dg, dh = e[j] * one - shift, f[j] * one - shift, g[j] * one - shift, h[j] * one - shift
+                block_mean[j] += ((da + db) + (dc + dd)) + ((de + df) + (dg + dh))
+                block_m2[j] += ((da * da + db * db) + (dc * dc + dd * dd)) + ((de * de + df * df) + (dg * dg + dh * dh))
+        for n in range(eight_stop, quad_stop, 4):
             a, b = rows[n, features_start:features_stop], rows[n + 1, features_start:features_stop]
             c, d = rows[n + 2, features_start:features_stop], rows[n + 3, features_start:features_stop]
             for j in range(width):
                 shift = np.float64(first[j])
-                da, db, dc, dd = a[j] - shift, b[j] - shift, c[j] - shift, d[j] - shift
+                da, db, dc, dd = a[j] * one - shift, b[j] * one - shift, c[j] * one - shift, d[j] * one - shift
                 block_mean[j] += (da + db) + (dc + dd)
                 block_m2[j] += (da * da + db * db) + (dc * dc + dd * dd)
         for n in range(quad_stop, rows_stop):
@@ -225,7 +264,7 @@ def _block_stats(x, rows_start, rows_stop, features_start, features_stop, block_
             for n in range(rows_start, quad_stop, 4):
                 runs = x[n, feature], x[n + 1, feature], x[n + 2, feature], x[n + 3, feature]
                 for i in range(inner):
-                    da, db, dc, dd = runs[0][i] - shift, runs[1][i] - shift, runs[2][i] - shift, runs[3][i] - shift
+                    da, db, dc, dd = runs[0][i] * one - shift, runs[1][i] * one - shift, runs[2][i] * one - shift, runs[3][i] * one - shift
                     total += (da + db) + (dc + dd)
                     squares += (da * da + db * db) + (dc * dc + dd * dd)
             for n in range(quad_stop, rows_stop):
