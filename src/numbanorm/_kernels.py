@@ -71,7 +71,8 @@ GRAD_WIDE_MIN_VALUES = 2**20
 # of the time in float32 and 0.86 in float64, 4096x1024 and 512x8192 0.96-1.00; serial, in
 # L2, with ``_opaque_one`` both, 0.80-1.00 from 64 to 2048 features. But on blocks of 64 to
 # 128 features (arrays too small for super-rows: 32x128, 128x128) eight rows took 1.05-1.09x
-# the time, and 32x64 to 64x64 1.04-1.06x; with this limit, 0.97-0.99x.
+# the time, and 32x64 to 64x64 1.04-1.06x; with this limit those took 0.97-0.99x, and
+# 256x256 (super-rows) 0.92-0.98x.
 EIGHT_ROWS_MIN_FEATURES = 512
 # Fewest super-rows (``_super_rows``) worth reading narrow rows as super-rows, in the
 # statistics and in the backward's sums. Serial, float32: with 4 super-rows (64x64) the
