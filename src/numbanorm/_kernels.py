@@ -180,8 +180,9 @@ def _opaque_one(n):
     The statistics write ``x - shift`` as ``x * one - shift``: the same value (the
     product is exact, and the multiply-add rounds once), but computed on the FMA
     pipes. As a subtraction it queued with the float32 -> float64 conversions and the
-    additions for the two FP add pipes (Zen 4 and 5), which bound the loop: on one
-    thread, in L2, the loop over float32 runs then handled 6.0-6.6 values a cycle, and
+    additions for the two FP add pipes of the report's machine (a Zen 5; the timings fit
+    that count), which bound the loop: on one thread, in L2, the loop over float32 runs
+    then handled 6.0-6.6 values a cycle, and
     took 0.85-0.92 of the time with the multiply-add; on two threads, from L3, the
     statistics of 64x64x28x28 and 32x256x14x14 float32 0.91-0.93. Float64 data, with no
     conversions, gained nothing, and neither did the backward's sums, tried alike.
