@@ -265,7 +265,7 @@ def _new_output(source3):
     each call, and without the huge pages NumPy asks for (the inference of
     4096x1024 float64 took 2.15-2.5x the time).
     """
-    if not ALIGNED_OUTPUT_MIN_BYTES <= source3.nbytes <= FRESH_PAGES_BYTES - 2**16:
+    if not ALIGNED_OUTPUT_MIN_BYTES <= source3.nbytes <= FRESH_PAGES_BYTES - FRESH_PAGES_MARGIN:
         return np.empty(source3.shape, dtype=source3.dtype)
     return _kernels.new_like(source3)
 
@@ -285,6 +285,9 @@ def _finish(y3, out, shape, transposed, dtype):
 # Above this size glibc's malloc hands out fresh pages (its mmap threshold at most), which
 # the kernel zeroes through the cache when they are first touched.
 FRESH_PAGES_BYTES = 32 * 2**20
+# How far below FRESH_PAGES_BYTES ``_new_output`` stops taking Numba's allocator: room for
+# the line ``new_like`` adds and for the allocators' own headers, with plenty to spare.
+FRESH_PAGES_MARGIN = 2**16
 
 
 def _stream(out3, sources, forward_into_new=False):
