@@ -101,6 +101,24 @@ def test_set_num_threads_is_honoured():
     np.testing.assert_allclose(y_one, reference.forward(x)[0], rtol=1e-10, atol=1e-10)
 
 
+def test_set_num_threads_holds_for_the_thread_that_calls_it():
+    # As for any Numba code: ``_chunks`` reads the thread count without Numba's public
+    # function, and must still read the calling thread's.
+    nbytes = numbanorm.api.PARALLEL_MIN_BYTES
+    main_threads = numbanorm.api._chunks(nbytes)
+    seen = {}
+
+    def worker():
+        numba.set_num_threads(1)
+        seen["worker"] = numbanorm.api._chunks(nbytes)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen["worker"] == 1
+    assert numbanorm.api._chunks(nbytes) == main_threads == numba.get_num_threads()
+
+
 def test_a_threading_layer_other_than_tbb_is_reported_at_the_first_parallel_call():
     # Before the first kernel runs (a workqueue pool's first concurrent calls abort the
     # process), and at the caller's line, not at one inside numbanorm.
