@@ -17,7 +17,7 @@
     2.6 us), and the training forward and the backward have two regions each.
     On the latest, 512 KiB arrays took 0.63-0.85 times as long on one thread
     as on two, and 1 MiB arrays 0.88-1.73 times; on an earlier machine 512 KiB
-    arrays were 5-30 % faster on two, and 384 KiB was the default (README,
+    arrays were 5-30 % faster on two, and 384 KiB was the default (``docs/performance-notes.md``,
     "In the session of commit df1e44c").
     ``NUMBANORM_PARALLEL_MIN_SIZE``, its former name (a count of values), is not
     read; setting it gives a ``FutureWarning``.
