@@ -323,6 +323,7 @@ def _chunks(nbytes):
     if nbytes < PARALLEL_MIN_BYTES:
         return 1
     if _num_threads is None:
+        _num_threads = numba.get_num_threads  # for a thread that comes in during the check: one warning
         check_threading_layer()  # starts the pool, which binds the getter
         _num_threads = _thread_count_getter()
     threads = _num_threads()
