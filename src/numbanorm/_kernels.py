@@ -181,11 +181,11 @@ def _opaque_one(n):
     product is exact, and the multiply-add rounds once), but computed on the FMA
     pipes. As a subtraction it queued with the float32 -> float64 conversions and the
     additions for the two FP add pipes of the report's machine (a Zen 5; the timings fit
-    that count), which bound the loop: on one thread, in L2, the loop over float32 runs
-    then handled 6.0-6.6 values a cycle, and
-    took 0.85-0.92 of the time with the multiply-add; on two threads, from L3, the
-    statistics of 64x64x28x28 and 32x256x14x14 float32 0.91-0.93. Float64 data, with no
-    conversions, gained nothing, and neither did the backward's sums, tried alike.
+    that count), which bound the loop. On one thread, in L2, the loop over float32 runs
+    handled 6.0-6.6 values a cycle as a subtraction and took 0.85-0.92 of that time as a
+    multiply-add; on two threads, from L3, the statistics of 64x64x28x28 and
+    32x256x14x14 float32 took 0.91-0.93 of it. Float64 data, with no conversions, gained
+    nothing, and neither did the backward's sums, tried alike.
     """
     n = max(n, 1)
     return float(n) / float(n)
