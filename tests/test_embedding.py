@@ -364,6 +364,34 @@ def test_a_process_that_loads_from_the_cache_waits_for_a_writer(tmp_path):
     assert reader.communicate(timeout=120)[0].split() == ["(3,", "6)", "1"]  # then loaded from the cache
 
 
+def test_a_kernel_compiled_against_a_cached_parallel_kernel_runs_from_the_cache(tmp_path):
+    # Train in one process, then evaluate twice. The second process compiles ``inference``
+    # against the ``normalize`` that the first one cached: Numba then saves ``inference``
+    # without the step that starts its thread pool on load (it passes that step on only
+    # from callees compiled in the same process). The third process loads ``inference``,
+    # and on arrays too small for ``api._chunks`` to start the pool, crashed (SIGSEGV).
+    # numbanorm's cache starts the pool before it loads anything (``_config._cache_class``).
+    cache = str(tmp_path / "cache")
+    shape = "(8, 3)"
+    train = f"""
+        import numpy as np, numbanorm
+        x = np.random.default_rng(0).normal(size={shape}).astype(np.float32)
+        numbanorm.batch_norm_forward(x)
+    """
+    evaluate = f"""
+        import numpy as np, numbanorm
+        from numbanorm import _kernels
+        x = np.random.default_rng(0).normal(size={shape}).astype(np.float32)
+        running_mean, running_var = np.array([0.5, -1.0, 2.0]), np.array([4.0, 0.25, 1.0])
+        y, _, _ = numbanorm.batch_norm_forward(x, training=False, running_mean=running_mean, running_var=running_var)
+        expected = (x - running_mean) / np.sqrt(running_var + 1e-5)
+        print(np.abs(y - expected).max() < 1e-6, sum(_kernels.inference.stats.cache_hits.values()))
+    """
+    run_python(train, NUMBA_CACHE_DIR=cache)
+    assert run_python(evaluate, NUMBA_CACHE_DIR=cache).split() == ["True", "0"]  # compiled
+    assert run_python(evaluate, NUMBA_CACHE_DIR=cache).split() == ["True", "1"]  # loaded
+
+
 def test_every_kernel_releases_the_gil():
     # What lets threads (a thread pool, a data loader) run numbanorm side by side.
     kernels = {name: f for name, f in vars(numbanorm._kernels).items() if isinstance(f, numba.core.dispatcher.Dispatcher)}

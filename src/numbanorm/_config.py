@@ -125,8 +125,7 @@ def _locked(directory, shared=False):
     compiled into one cold cache). A process that loads between the writer's
     index and its data file finds the entry named and reads whatever file has
     that name: none yet (it compiles), or one an earlier version of the source
-    left there, whose code it runs (the one explanation found for a SIGSEGV in a
-    script run beside the tests after an edit of the kernels). Writers take the
+    left there, whose code it runs. Writers take the
     lock exclusively, readers shared. A directory where the lock file cannot be
     created is read unlocked: it holds no entry, or nobody can write it.
     """
@@ -153,9 +152,23 @@ def _cache_class():
     from numba.core.caching import FunctionCache
 
     class Cache(FunctionCache):
-        """Numba's per-function cache: writes take turns, never beside a read; a failed write is a warning."""
+        """Numba's per-function cache: writes take turns, never beside a read; a failed write is a
+        warning; Numba's thread pool runs before anything loads.
+
+        An entry's parallel code needs the pool. Numba saves, with each entry,
+        the steps that start it on load, but a function passes those steps on
+        only from callees compiled in the same process: ``inference``,
+        compiled in a process that loaded the parallel ``normalize`` from this
+        cache, was saved without them, and a later process that loaded it and
+        ran it on an array too small for ``api._chunks`` to start the pool
+        crashed (SIGSEGV). Starting the pool first, as a complete entry's load
+        would, makes every entry safe to load.
+        """
 
         def load_overload(self, sig, target_context):
+            import numba
+
+            numba.get_num_threads()  # starts the pool, once per process
             with _locked(self.cache_path, shared=True):
                 return super().load_overload(sig, target_context)
 
