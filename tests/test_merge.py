@@ -129,8 +129,26 @@ def test_merge_stats_rejects_no_parts_and_mismatched_parts():
         numbanorm.merge_stats([])
     with pytest.raises(ValueError, match=r"parts\[1\]"):
         numbanorm.merge_stats([part, other])
-    with pytest.raises(ValueError, match=r"parts\[0\]"):
+    with pytest.raises(ValueError, match=r"parts\[0\] must be a \(count, mean, m2\) triple, got 2 items"):
         numbanorm.merge_stats([part[:2]])
+    with pytest.raises(ValueError, match=r"parts\[0\]'s count, mean and m2 must have one shape, got \(3,\), \(3,\) and \(2,\)"):
+        numbanorm.merge_stats([(part[0], part[1], part[2][:2])])
+    with pytest.raises(ValueError, match=r"parts\[1\]'s count must be >= 0"):
+        numbanorm.merge_stats([part, (-part[0], part[1], part[2])])
+
+
+def test_merge_stats_refuses_one_triple_in_place_of_a_list_of_them():
+    # With three features, a triple's three arrays would each pass for a triple of scalars.
+    part = numbanorm.batch_norm_partial_stats(np.arange(12.0).reshape(4, 3))
+    with pytest.raises(TypeError, match=r"parts\[0\] must be a \(count, mean, m2\) triple, got a 1-D array: pass a list"):
+        numbanorm.merge_stats(part)
+    with pytest.raises(ValueError, match=r"parts\[0\]'s count, mean and m2 must be 1-D arrays"):
+        numbanorm.merge_stats([(4.0, 1.5, 5.0)])
+    with pytest.raises(TypeError, match=r"^parts must be an iterable of \(count, mean, m2\) triples, got int$"):
+        numbanorm.merge_stats(5)
+    with pytest.raises(TypeError, match=r"parts\[0\]'s count must hold real numbers, got dtype <U1"):
+        numbanorm.merge_stats([("a", "b", "c")])
+    np.testing.assert_array_equal(numbanorm.merge_stats([np.stack(part)])[1], part[1])  # a (3, C) array is a triple
 
 
 # --- the distributed forward and backward, piece by piece --------------------------------

@@ -443,8 +443,13 @@ def merge_stats(parts):
 
     Raises
     ------
+    TypeError
+        ``parts`` is not an iterable of triples (a single triple included), or
+        a triple holds something other than real numbers.
     ValueError
-        ``parts`` is empty, or its members disagree in shape.
+        ``parts`` is empty; a triple has other than three items, or arrays
+        that are not 1-D or disagree in shape with each other or with the
+        first triple's; a count is negative or NaN.
 
     Examples
     --------
@@ -455,12 +460,12 @@ def merge_stats(parts):
     >>> count, mean, m2 / count
     (array([4.]), array([4.]), array([12.5]))
     """
-    parts = [tuple(np.asarray(a, dtype=np.float64) for a in part) for part in parts]
+    parts = [_stats_triple(part, f"parts[{i}]") for i, part in enumerate(_iterable(parts, "parts"))]
     if not parts:
         raise ValueError("parts must hold at least one (count, mean, m2) triple")
-    for i, part in enumerate(parts):
-        if len(part) != 3 or not part[0].shape == part[1].shape == part[2].shape == parts[0][1].shape:
-            raise ValueError(f"parts[{i}] must be a (count, mean, m2) triple shaped like parts[0]")
+    for i, part in enumerate(parts[1:], 1):
+        if part[0].shape != parts[0][0].shape:
+            raise ValueError(f"parts[{i}] has {part[0].shape[0]} features and parts[0] {parts[0][0].shape[0]}")
     # Pairwise (tree) merging keeps the rounding error logarithmic in the number of parts.
     while len(parts) > 1:
         merged = [_merge_pair(parts[i], parts[i + 1]) for i in range(0, len(parts) - 1, 2)]
@@ -469,6 +474,40 @@ def merge_stats(parts):
         parts = merged
     count, mean, m2 = parts[0]
     return count.copy(), mean.copy(), m2.copy()
+
+
+def _iterable(value, name):
+    """``value`` itself, if it can be iterated; else a ``TypeError`` that names it."""
+    try:
+        iter(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an iterable of (count, mean, m2) triples, got {type(value).__name__}") from None
+    return value
+
+
+def _stats_triple(part, name):
+    """``part`` as three 1-D float64 arrays of one shape, checked: a ``(count, mean, m2)`` of :func:`merge_stats`."""
+    if isinstance(part, np.ndarray) and part.ndim < 2:  # merge_stats(triple), not merge_stats([triple])
+        raise TypeError(f"{name} must be a (count, mean, m2) triple, got a {part.ndim}-D array: "
+                        "pass a list of triples, such as [batch_norm_partial_stats(x)]")
+    if not hasattr(part, "__len__"):
+        raise TypeError(f"{name} must be a (count, mean, m2) triple, got {type(part).__name__}")
+    if len(part) != 3:
+        raise ValueError(f"{name} must be a (count, mean, m2) triple, got {len(part)} items")
+    arrays = []
+    for member, array in zip(("count", "mean", "m2"), part):
+        array = np.asarray(array)
+        if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool) or np.iscomplexobj(array):
+            raise TypeError(f"{name}'s {member} must hold real numbers, got dtype {array.dtype}")
+        arrays.append(array.astype(np.float64, copy=False))
+    count, mean, m2 = arrays
+    if count.ndim != 1:
+        raise ValueError(f"{name}'s count, mean and m2 must be 1-D arrays (one value per feature), got {count.ndim}-D")
+    if not count.shape == mean.shape == m2.shape:
+        raise ValueError(f"{name}'s count, mean and m2 must have one shape, got {count.shape}, {mean.shape} and {m2.shape}")
+    if not (count >= 0).all():
+        raise ValueError(f"{name}'s count must be >= 0 (and not NaN), got {count[~(count >= 0)][0]}")
+    return count, mean, m2
 
 
 def _merge_pair(a, b):
