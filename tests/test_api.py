@@ -1310,6 +1310,8 @@ BAD_CALLS = [
     ("backward string training", lambda x: numbanorm.batch_norm_backward(x, x, ZEROS, ONES, training="False"), TypeError, "training"),
     ("momentum above 1", lambda x: numbanorm.batch_norm_forward(x, momentum=1.5), ValueError, "momentum"),
     ("negative momentum", lambda x: numbanorm.batch_norm_forward(x, momentum=-0.1), ValueError, "momentum"),
+    ("momentum above 1 in inference", lambda x: numbanorm.batch_norm_forward(x, training=False, running_mean=ZEROS, running_var=ONES, momentum=5), ValueError, "momentum"),
+    ("None momentum", lambda x: numbanorm.batch_norm_forward(x, momentum=None), TypeError, "momentum"),
     ("one value per feature", lambda x: numbanorm.batch_norm_forward(x[:1]), ValueError, "x"),
     ("one value per channel", lambda x: numbanorm.batch_norm_forward(x.reshape(1, 24, 1)), ValueError, "x"),
     ("empty batch in training", lambda x: numbanorm.batch_norm_forward(x[:0]), ValueError, "x"),

@@ -579,15 +579,15 @@ def batch_norm_forward(
     Raises
     ------
     TypeError
-        Non-real data; ``training`` is not a bool; a non-array ``out`` or running
-        statistic; wrong ``out`` dtype;
-        a masked array with masked values as ``x``, ``gamma``, ``beta``, ``out``
-        or a running statistic.
+        Non-real data; ``axis`` is not an integer; ``eps`` or ``momentum`` is
+        not a real number; ``training`` is not a bool; a non-array ``out`` or
+        running statistic; wrong ``out`` dtype; a masked array with masked
+        values as ``x``, ``gamma``, ``beta``, ``out`` or a running statistic.
     ValueError
         Wrong shapes; fewer than 2 dimensions; ``eps < 0``; ``momentum``
-        outside [0, 1]; fewer than 2 values per feature in training; inference
-        without running statistics; in training, running statistics that share
-        memory with each other or with ``out``.
+        outside [0, 1]; a read-only ``out``; fewer than 2 values per feature
+        in training; inference without running statistics; in training,
+        running statistics that share memory with each other or with ``out``.
     numpy.exceptions.AxisError
         ``axis`` is out of range.
 
@@ -606,13 +606,13 @@ def batch_norm_forward(
     features = shape3[1]
     eps = _number(eps, "eps", 0.0, math.inf)
     training = _flag(training, "training")
+    momentum = _number(momentum, "momentum", 0.0, 1.0)  # unused in inference, but wrong there too
     # The kernels take float32 parameters as well (``normalize_params``), each combination of
     # dtypes a compilation of its own (about a second): absent ones take the data's.
     compute = _compute_dtype(x.dtype)
     gamma = _ones(features, compute) if gamma is None else _per_feature(gamma, "gamma", features, float32=True)
     beta = np.zeros(features, compute) if beta is None else _per_feature(beta, "beta", features, float32=True)
     if training:
-        momentum = _number(momentum, "momentum", 0.0, 1.0)
         if (running_mean is None) != (running_var is None):
             raise ValueError("running_mean and running_var must be given together, or neither")
         if running_mean is not None:
@@ -724,8 +724,9 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=1, training=Tru
     Raises
     ------
     TypeError
-        Non-real data; ``training`` is not a bool; a non-array ``out``; wrong
-        ``out`` dtype; a masked array with masked values as an input or ``out``.
+        Non-real data; ``axis`` is not an integer; ``training`` is not a bool;
+        a non-array ``out``; wrong ``out`` dtype; a masked array with masked
+        values as an input or ``out``.
     ValueError
         Wrong shapes; fewer than 2 dimensions; a read-only ``out``.
     numpy.exceptions.AxisError

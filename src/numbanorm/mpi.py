@@ -227,7 +227,8 @@ def batch_norm_forward(
     """
     if not _means_training(training):  # inference: no collective, so the functional API's checks suffice
         return api.batch_norm_forward(
-            x, gamma, beta, axis=axis, eps=eps, training=training, running_mean=running_mean, running_var=running_var
+            x, gamma, beta, axis=axis, eps=eps, training=training, running_mean=running_mean, running_var=running_var,
+            momentum=momentum,
         )
     comm = _communicator(comm)
 
