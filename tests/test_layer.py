@@ -160,6 +160,7 @@ def test_a_value_out_of_the_layers_range_raises_instead_of_becoming_inf(dtype):
         ("num_batches_tracked", np.array(2.5), TypeError),
         ("num_batches_tracked", "3", TypeError),
         ("num_batches_tracked", np.array(-1), ValueError),  # momentum=None would divide by 0
+        ("num_batches_tracked", np.uint64(2**63), ValueError),  # state_dict() could not save it as int64
     ],
 )
 def test_a_state_that_raises_loads_nothing(key, value, exception):

@@ -249,8 +249,8 @@ class BatchNorm:
             if batches.shape != () or batches.dtype.kind not in "iu":
                 raise TypeError(f"state['num_batches_tracked'] must be an integer, got {state['num_batches_tracked']!r}")
             batches = int(batches)
-            if batches < 0:
-                raise ValueError(f"state['num_batches_tracked'] must be at least 0, got {batches}")
+            if not 0 <= batches <= np.iinfo(np.int64).max:  # state_dict() saves it as int64, as PyTorch does
+                raise ValueError(f"state['num_batches_tracked'] must be in [0, 2**63 - 1], got {batches}")
         for name, value in arrays.items():
             getattr(self, _ATTRIBUTE[name])[...] = value
         if "num_batches_tracked" in state:
