@@ -5,12 +5,13 @@ import json
 import re
 import subprocess
 import sys
+import time
 
 import numba
 import numpy as np
 import pytest
 
-from numbanorm import BatchNorm
+from numbanorm import BatchNorm, mlp
 from numbanorm.mlp import (
     MLP,
     SGD,
@@ -499,6 +500,7 @@ def test_cli_writes_json_and_png(tmp_path, capsys):
     assert result["config"]["lr"] == 0.001 and result["config"]["sizes"] == [64, 20, 10]
     assert_png(png_path)
     assert MLP.load(model_path).config["sizes"] == [64, 20, 10]
+    assert out.splitlines()[-3:] == [f"results written to {json_path}", f"model written to {model_path}", f"plot written to {png_path}"]
 
 
 def assert_png(path):
@@ -575,6 +577,26 @@ def test_cli_trains_on_single_samples_without_batch_norm(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         main(["--batch-size", "1", "--no-batch-norm", "--quiet"])
     assert seen == {"batch_size": 1, "batch_norm": False}
+
+
+def test_cli_says_when_training_diverges_without_numpy_s_warnings(recwarn, capsys):
+    assert main(["--no-batch-norm", "--activation", "relu", "--lr", "50", "--epochs", "2"]) == 0
+    assert "training diverged" in capsys.readouterr().err
+    assert [str(w.message) for w in recwarn] == []
+
+
+def test_the_first_run_says_what_it_waits_for_and_later_runs_do_not(monkeypatch, capsys):
+    # The first run compiles the kernels for tens of seconds before the progress bar shows.
+    monkeypatch.setattr(mlp, "_load_kernels", lambda dtype: time.sleep(0.5))
+    mlp._load_kernels_telling(np.float32, after=0.05)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("numbanorm: compiling the kernels, once")
+    ready = re.fullmatch(r"numbanorm: kernels ready in (\d+\.\d) s", lines[1])
+    assert ready and float(ready[1]) >= 0.5, lines
+    monkeypatch.setattr(mlp, "_load_kernels", lambda dtype: None)  # from the cache
+    mlp._load_kernels_telling(np.float32, after=0.5)
+    time.sleep(0.6)
+    assert capsys.readouterr().err == ""
 
 
 def test_cli_says_when_training_diverges_and_writes_strict_json(tmp_path, capsys):

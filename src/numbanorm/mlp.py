@@ -22,6 +22,7 @@ import math
 import numbers
 import os
 import sys
+import threading
 import time
 
 import numba
@@ -603,7 +604,7 @@ def train(model, X, y, *, epochs, batch_size, lr, optimizer="sgd", momentum=0.0,
             postfix = {"loss": f"{total / count:.4f}"}
             if X_test is not None:
                 postfix["test_acc"] = f"{history['epoch_test_accuracy'][-1]:.4f}"
-            bar.set_postfix(postfix)
+            bar.set_postfix(postfix, refresh=False)  # drawn by update(), with this epoch's count
             bar.update()
     if bar is not None:
         bar.close()
@@ -619,6 +620,31 @@ def _load_kernels(dtype):
     x = np.zeros((2, 1), dtype)
     scratch.backward(scratch.forward(x))
     scratch.forward(x, training=False)
+
+
+def _load_kernels_telling(dtype, after=1.0):
+    """``_load_kernels``, saying on stderr what the wait is when it takes longer than ``after`` seconds.
+
+    A first run compiles the kernels (tens of seconds); later ones read them from
+    the on-disk cache in a fraction of a second, and say nothing.
+    """
+    told = []
+
+    def tell():
+        told.append(time.perf_counter())
+        print("numbanorm: compiling the kernels, once (20-40 s); later runs read them from the on-disk cache",
+              file=sys.stderr, flush=True)
+
+    start = time.perf_counter()
+    timer = threading.Timer(after, tell)
+    timer.daemon = True
+    timer.start()
+    try:
+        _load_kernels(dtype)
+    finally:
+        timer.cancel()
+    if told:
+        print(f"numbanorm: kernels ready in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
 
 def _progress_bar(epochs, label):
@@ -882,9 +908,13 @@ def _run(args, lr):
     for label, batch_norm in runs.items():
         model = network(sizes, activation=args.activation, batch_norm=batch_norm, seed=args.seed,
                     bn_position=args.bn_position, dropout=args.dropout)
-        history = train(model, X_train, y_train, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
-                        optimizer=args.optimizer, momentum=args.momentum, X_test=X_test, y_test=y_test,
-                        seed=args.seed, progress=False if args.quiet else label)
+        if batch_norm and not args.quiet:
+            _load_kernels_telling(model.dtype)
+        # A diverging run overflows: the line below says so, in place of NumPy's warnings.
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            history = train(model, X_train, y_train, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
+                            optimizer=args.optimizer, momentum=args.momentum, X_test=X_test, y_test=y_test,
+                            seed=args.seed, progress=False if args.quiet else label)
         histories[label] = history
         if not args.quiet:
             accuracy, seconds = history["test_accuracy"], history["seconds"]
@@ -906,6 +936,10 @@ def _run(args, lr):
         hidden = "-".join(map(str, args.hidden))
         title = f"digits, {args.activation} MLP {hidden}, {args.optimizer} lr {lr}, batch {args.batch_size}"
         plot_histories(histories, args.plot, chance=1.0 / classes, title=title)
+    if not args.quiet:
+        for flag, what in (("json", "results"), ("save", "model"), ("plot", "plot")):
+            if getattr(args, flag):
+                print(f"{what} written to {getattr(args, flag)}")
 
 
 if __name__ == "__main__":
