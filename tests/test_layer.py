@@ -244,6 +244,7 @@ def test_pickles_and_copies_leave_out_the_saved_input():
         *([(dict(num_features=3, dtype=np.longdouble), TypeError, "dtype")] if np.dtype(np.longdouble).itemsize > 8 else []),
         (dict(num_features=3, axis="1"), TypeError, "axis"),
         (dict(num_features=3, dtype=None), TypeError, "dtype"),  # np.dtype(None) is float64
+        (dict(num_features=3, dtype="foo"), TypeError, "dtype must be float16, float32 or float64, got .foo."),
         (dict(num_features=3, affine="no"), TypeError, "affine"),  # bool("no") is True
         (dict(num_features=3, track_running_stats=0), TypeError, "track_running_stats"),
     ],

@@ -74,7 +74,10 @@ class BatchNorm:
             raise TypeError(f"axis must be an integer, got {axis!r}")
         if dtype is None:  # np.dtype(None) would be float64
             raise TypeError("dtype must be float16, float32 or float64, got None")
-        dtype = np.dtype(dtype)
+        try:
+            dtype = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"dtype must be float16, float32 or float64, got {dtype!r}") from None
         if dtype.kind != "f" or dtype.itemsize > 8:
             raise TypeError(f"dtype must be float16, float32 or float64, got {dtype}")
         self.num_features = int(num_features)
@@ -101,7 +104,21 @@ class BatchNorm:
         )
 
     def train(self, mode=True):
-        """Set training mode (batch statistics) or, with ``mode=False``, inference mode. Returns self."""
+        """Set training mode (batch statistics) or, with ``mode=False``, inference mode.
+
+        Parameters
+        ----------
+        mode : bool, default True
+
+        Returns
+        -------
+        self : BatchNorm
+
+        Raises
+        ------
+        TypeError
+            ``mode`` is not a bool (``"False"`` would otherwise mean True).
+        """
         if not isinstance(mode, (bool, np.bool_)):  # train("False") would otherwise mean True
             raise TypeError(f"mode must be a bool, got {mode!r}")
         self.training = bool(mode)
@@ -112,14 +129,42 @@ class BatchNorm:
         return self.train(False)
 
     def forward(self, x, training=None):
-        """Normalize ``x``; ``training`` overrides the layer's mode for this call.
+        """Normalize ``x`` with the batch's statistics (training) or the running ones (inference).
 
         In training the running statistics are updated and ``num_batches_tracked``
         grows by one. What the backward needs (a reference to ``x``, not a copy,
         and the statistics) is kept until the next forward, but not in pickles or
         copies of the layer: do not modify ``x`` in place before calling :meth:`backward`.
-        ``x.shape[axis]`` must be ``num_features`` (``ValueError``); ``training`` is
-        ``None`` or a bool (``TypeError``).
+
+        Parameters
+        ----------
+        x : array_like, at least 2-D
+            ``num_features`` values on the layer's ``axis``.
+        training : bool, optional
+            The mode of this call; by default the layer's (:meth:`train`, :meth:`eval`).
+
+        Returns
+        -------
+        y : ndarray
+            Shaped like ``x``, in its dtype (float64 for integers and bools).
+
+        Raises
+        ------
+        TypeError
+            ``x`` does not hold real numbers; ``training`` is neither ``None`` nor a bool.
+        ValueError
+            ``x`` has fewer than 2 dimensions, another number of features, or
+            (in training) fewer than 2 values per feature.
+
+        Examples
+        --------
+        >>> import numpy as np, numbanorm
+        >>> layer = numbanorm.BatchNorm(2, dtype=np.float64)
+        >>> layer.forward(np.array([[1.0, 10.0], [3.0, 30.0]])).round(4)  # eps keeps it off 1
+        array([[-1., -1.],
+               [ 1.,  1.]])
+        >>> layer.running_mean
+        array([0.2, 2. ])
         """
         self._saved = None  # a forward that raises leaves no earlier batch for the backward
         training = self._mode(training)
@@ -153,7 +198,37 @@ class BatchNorm:
         return dict(self.__dict__, _saved=None)
 
     def backward(self, dy):
-        """Gradient with respect to the last forward's input; fills ``dgamma`` and ``dbeta``."""
+        """Gradient with respect to the last forward's input; fills ``dgamma`` and ``dbeta``.
+
+        Parameters
+        ----------
+        dy : array_like
+            Gradient with respect to the last forward's output, shaped like it.
+
+        Returns
+        -------
+        dx : ndarray
+            Gradient with respect to the last forward's input, in its dtype.
+
+        Raises
+        ------
+        RuntimeError
+            No forward came before, or the last one raised.
+        ValueError
+            ``dy`` is not shaped like the last forward's input.
+        TypeError
+            ``dy`` does not hold real numbers.
+
+        Examples
+        --------
+        >>> import numpy as np, numbanorm
+        >>> layer = numbanorm.BatchNorm(2, dtype=np.float64)
+        >>> y = layer.forward(np.array([[1.0, 10.0], [3.0, 30.0]]))
+        >>> dx = layer.backward(np.ones_like(y))  # a constant gradient: dx is 0
+        >>> dx, layer.dbeta
+        (array([[0., 0.],
+               [0., 0.]]), array([2., 2.]))
+        """
         x, mean, invstd, use_batch_stats = self._last_forward()
         dx, dgamma, dbeta = self._functional_backward(
             dy, x, mean, invstd, self.gamma, axis=self.axis, training=use_batch_stats
@@ -205,7 +280,15 @@ class BatchNorm:
         return {"weight": self.dgamma, "bias": self.dbeta} if self.affine else {}
 
     def state_dict(self):
-        """Copies of the parameters and running statistics under PyTorch's BatchNorm key names."""
+        """Copies of the parameters and running statistics under PyTorch's BatchNorm key names.
+
+        Returns
+        -------
+        state : dict of str -> ndarray
+            ``weight`` and ``bias`` (with ``affine``), ``running_mean``,
+            ``running_var`` and ``num_batches_tracked`` (an int64 scalar array;
+            with ``track_running_stats``).
+        """
         state = {name: value.copy() for name, value in self.parameters().items()}
         if self.track_running_stats:
             state["running_mean"] = self.running_mean.copy()
@@ -222,6 +305,31 @@ class BatchNorm:
         hold (a float16 layer given 1e5) raises ``ValueError`` rather than
         becoming infinite. Every value is checked and converted before any is
         loaded: a state that raises leaves the layer as it was.
+
+        Parameters
+        ----------
+        state : mapping of str -> array_like
+            The keys of :meth:`state_dict`.
+
+        Raises
+        ------
+        KeyError
+            A key is missing or unknown.
+        TypeError
+            A value does not hold real numbers; ``num_batches_tracked`` is not an integer.
+        ValueError
+            A per-feature value of the wrong shape, or out of the layer dtype's
+            range; ``num_batches_tracked`` negative or above int64.
+
+        Examples
+        --------
+        >>> import numpy as np, numbanorm
+        >>> trained = numbanorm.BatchNorm(2)
+        >>> _ = trained.forward(np.array([[1.0, 10.0], [3.0, 30.0]], np.float32))
+        >>> fresh = numbanorm.BatchNorm(2)
+        >>> fresh.load_state_dict(trained.state_dict())
+        >>> fresh.running_mean, fresh.num_batches_tracked
+        (array([0.2, 2. ], dtype=float32), 1)
         """
         expected = set(self.state_dict())
         missing = expected - set(state)
