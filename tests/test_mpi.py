@@ -372,3 +372,17 @@ def test_mpi_flag_without_mpi4py_says_what_to_install(monkeypatch, capsys):
         main(["--mpi", "--epochs", "1"])
     assert exit_info.value.code == 2
     assert "numbanorm[mpi]" in capsys.readouterr().err
+
+
+def test_sync_layer_from_something_other_than_a_layer_names_the_argument():
+    # One rank, in a child process (see test_docstrings.py: MPI stays out of the pytest process).
+    program = textwrap.dedent("""
+        import numbanorm.mpi
+        try:
+            numbanorm.mpi.SyncBatchNorm.from_batch_norm("x")
+        except TypeError as error:
+            print(error)
+    """)
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "layer must be a numbanorm.BatchNorm, got str"

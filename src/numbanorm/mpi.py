@@ -84,6 +84,16 @@ def allgather_checked(compute, comm=None):
     Exception
         What ``compute`` raised on this rank; ``RuntimeError`` naming the rank
         when it raised on another rank only.
+
+    Examples
+    --------
+    Run by itself, a script is one rank of ``MPI.COMM_WORLD``; under
+    ``mpiexec -n 2`` the list would be ``[0, 1]`` on both ranks.
+
+    >>> from mpi4py import MPI
+    >>> import numbanorm.mpi
+    >>> numbanorm.mpi.allgather_checked(lambda: MPI.COMM_WORLD.rank)
+    [0]
     """
     comm = _communicator(comm)
     try:
@@ -148,6 +158,16 @@ def allreduce_stats(stats, comm=None):
     -------
     count, mean, m2 : ndarray of float64
         The same on every rank: the ranks' statistics merged in rank order.
+
+    Examples
+    --------
+    On one rank (``MPI.COMM_SELF``) the global statistics are the local ones:
+
+    >>> import numpy as np, numbanorm, numbanorm.mpi
+    >>> from mpi4py import MPI
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [5.0, 50.0]])
+    >>> numbanorm.mpi.allreduce_stats(numbanorm.batch_norm_partial_stats(x), comm=MPI.COMM_SELF)
+    (array([3., 3.]), array([ 3., 30.]), array([  8., 800.]))
     """
     comm = _communicator(comm)
     parts = allgather_checked(lambda: tuple(np.asarray(a, dtype=np.float64) for a in stats), comm)
@@ -169,6 +189,13 @@ def allreduce_sum(arrays, comm=None):
     -------
     list of ndarray
         The sums, in the dtypes of the terms promoted together across ranks.
+
+    Examples
+    --------
+    >>> import numpy as np, numbanorm.mpi
+    >>> from mpi4py import MPI
+    >>> numbanorm.mpi.allreduce_sum([np.array([1.0, 2.0]), np.array(3)], comm=MPI.COMM_SELF)
+    [array([1., 2.]), array(3)]
     """
     comm = _communicator(comm)
     parts = allgather_checked(lambda: [np.asarray(a) for a in arrays], comm)
@@ -224,6 +251,21 @@ def batch_norm_forward(
     As :func:`numbanorm.batch_norm_forward`, on every rank; ``ValueError`` when
     the global batch has fewer than 2 values per feature in training or the
     ranks disagree on the number of features.
+
+    Examples
+    --------
+    On one rank it gives what :func:`numbanorm.batch_norm_forward` gives; under
+    ``mpiexec -n 2`` each rank's ``y`` would use the mean of both ranks' rows.
+
+    >>> import numpy as np, numbanorm.mpi
+    >>> from mpi4py import MPI
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0]])
+    >>> y, mean, invstd = numbanorm.mpi.batch_norm_forward(x, comm=MPI.COMM_SELF)
+    >>> mean
+    array([ 2., 20.])
+    >>> y.round(4)
+    array([[-1., -1.],
+           [ 1.,  1.]])
     """
     if not _means_training(training):  # inference: no collective, so the functional API's checks suffice
         return api.batch_norm_forward(
@@ -295,6 +337,16 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, comm=None, axis=1, t
     Raises
     ------
     As :func:`numbanorm.batch_norm_backward`, on every rank.
+
+    Examples
+    --------
+    >>> import numpy as np, numbanorm.mpi
+    >>> from mpi4py import MPI
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0]])
+    >>> y, mean, invstd = numbanorm.mpi.batch_norm_forward(x, comm=MPI.COMM_SELF)
+    >>> dx, dgamma, dbeta = numbanorm.mpi.batch_norm_backward(np.ones_like(y), x, mean, invstd, comm=MPI.COMM_SELF)
+    >>> dbeta  # the sum of dy over the global batch: here, this rank's two rows
+    array([2., 2.])
     """
     comm = _communicator(comm)
 
@@ -344,7 +396,33 @@ class SyncBatchNorm(BatchNorm):
 
     @classmethod
     def from_batch_norm(cls, layer, comm=None):
-        """A synchronized copy of the :class:`numbanorm.BatchNorm` ``layer``: same options and state."""
+        """A synchronized copy of the :class:`numbanorm.BatchNorm` ``layer``: same options and state.
+
+        Parameters
+        ----------
+        layer : numbanorm.BatchNorm
+            Left unchanged; the copy shares none of its arrays.
+        comm : mpi4py.MPI.Comm, optional
+            Default ``MPI.COMM_WORLD``.
+
+        Returns
+        -------
+        SyncBatchNorm
+
+        Raises
+        ------
+        TypeError
+            ``layer`` is not a :class:`numbanorm.BatchNorm`, or ``comm`` not a communicator.
+
+        Examples
+        --------
+        >>> import numpy as np, numbanorm, numbanorm.mpi
+        >>> layer = numbanorm.BatchNorm(3, momentum=0.2)
+        >>> numbanorm.mpi.SyncBatchNorm.from_batch_norm(layer)
+        SyncBatchNorm(3, axis=1, eps=1e-05, momentum=0.2, affine=True, track_running_stats=True, dtype=float32)
+        """
+        if not isinstance(layer, BatchNorm):
+            raise TypeError(f"layer must be a numbanorm.BatchNorm, got {type(layer).__name__}")
         sync = cls(
             layer.num_features,
             comm=comm,
