@@ -766,6 +766,16 @@ def batch_norm_backward_reduce(dy, x, mean, invstd, *, axis=1):
 
     Parameters are as in :func:`batch_norm_backward`.
 
+    Raises
+    ------
+    TypeError
+        Non-real data; ``axis`` is not an integer; a masked array with masked values.
+    ValueError
+        ``dy`` not shaped like ``x``; ``mean`` or ``invstd`` not of shape
+        ``(x.shape[axis],)``; fewer than 2 dimensions.
+    numpy.exceptions.AxisError
+        ``axis`` is out of range.
+
     Examples
     --------
     >>> import numpy as np, numbanorm
@@ -813,6 +823,23 @@ def batch_norm_backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, c
     -------
     dx : ndarray
         As :func:`batch_norm_backward` would give for this part; ``out`` when given.
+
+    Raises
+    ------
+    TypeError
+        Non-real data or ``count``; ``axis`` is not an integer; a non-array
+        ``out`` or one of the wrong dtype; a masked array with masked values.
+    ValueError
+        ``dy`` not shaped like ``x``; a per-feature argument not of shape
+        ``(x.shape[axis],)``; ``count`` below 1 or not whole; fewer than 2
+        dimensions; a read-only ``out``.
+    numpy.exceptions.AxisError
+        ``axis`` is out of range.
+
+    Examples
+    --------
+    The example of :func:`batch_norm_backward_reduce` splits a batch in two
+    parts and puts it back together with this function.
     """
     x, x3, dy3, axis, transposed, dtype = _gradient_inputs(dy, x, axis)
     features = x3.shape[1]
