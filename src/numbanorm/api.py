@@ -497,7 +497,7 @@ def _stats_triple(part, name):
     arrays = []
     for member, array in zip(("count", "mean", "m2"), part):
         array = np.asarray(array)
-        if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool) or np.iscomplexobj(array):
+        if array.dtype.kind not in "biuf":  # as ``_per_feature``
             raise TypeError(f"{name}'s {member} must hold real numbers, got dtype {array.dtype}")
         arrays.append(array.astype(np.float64, copy=False))
     count, mean, m2 = arrays
