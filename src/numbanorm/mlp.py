@@ -628,10 +628,10 @@ def _load_kernels_telling(dtype, after=1.0):
     A first run compiles the kernels (tens of seconds); later ones read them from
     the on-disk cache in a fraction of a second, and say nothing.
     """
-    told = []
+    told = threading.Event()
 
     def tell():
-        told.append(time.perf_counter())
+        told.set()
         print("numbanorm: compiling the kernels, once (20-40 s); later runs read them from the on-disk cache",
               file=sys.stderr, flush=True)
 
@@ -643,7 +643,7 @@ def _load_kernels_telling(dtype, after=1.0):
         _load_kernels(dtype)
     finally:
         timer.cancel()
-    if told:
+    if told.is_set():
         print(f"numbanorm: kernels ready in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
 
