@@ -109,7 +109,7 @@ def passes(shape, dtype, threads):
     _kernels.normalize_params(mean, invstd, gamma, beta, forward_params)
     backward_params = _kernels.new_params(_kernels.BACKWARD_ROWS, x, out)
     _kernels.grad_sums(dy, x, mean, threads, sum_dy, sum_dy_xmu)
-    _kernels.grad_params(mean, invstd, gamma, sum_dy, sum_dy_xmu * invstd, shape[0], backward_params)
+    folded = _kernels.grad_params(mean, invstd, gamma, sum_dy, sum_dy_xmu * invstd, shape[0], backward_params)
     constant = np.dtype(dtype).type(0.5)
     nothing = np.empty((0, 0, 1), dtype)
     return {
@@ -120,7 +120,7 @@ def passes(shape, dtype, threads):
         "plain normalize": lambda: plain_normalize(x, constant, threads, out),
         "sums": lambda: _kernels.grad_sums(dy, x, mean, threads, sum_dy, sum_dy_xmu),
         "read two": lambda: plain_read(x, dy, threads),
-        "dx": lambda: _kernels.grad_input(dy, x, backward_params, True, threads, False, out),
+        "dx": lambda: _kernels.grad_input(dy, x, backward_params, folded, True, threads, False, out),
         "plain dx": lambda: plain_grad_input(dy, x, constant, threads, out),
         "forward": lambda: _kernels.forward_train(x, gamma, beta, 1e-5, threads, False, out, mean, var, invstd),
         "backward": lambda: _kernels.backward(dy, x, mean, invstd, gamma, True, threads, False, out, dgamma, dbeta),

@@ -41,6 +41,14 @@ def assert_close(actual, expected, dtype, scale=None):
     )
 
 
+def assert_relatively_close(actual, expected, dtype):
+    """``assert_close`` relative to the largest |expected| however small: ``assert_close``
+    takes values below 1 to an absolute tolerance, which values of 1e-30 always meet."""
+    peak = np.max(np.abs(np.asarray(expected, dtype=np.float64)))
+    assert peak > 0
+    assert_close(np.asarray(actual, dtype=np.float64) / peak, np.asarray(expected, dtype=np.float64) / peak, dtype)
+
+
 def feature_sums(a, axis):
     """Per feature, the sum of ``|a|`` over every other axis, in float64: the scale of a sum's rounding."""
     return np.moveaxis(np.abs(np.asarray(a, dtype=np.float64)), axis, -1).reshape(-1, a.shape[axis]).sum(axis=0)
@@ -700,7 +708,30 @@ def test_float32_gradients_stay_accurate_at_extreme_scales():
     dy = rng.normal(size=x.shape).astype(np.float32)
     _, mean, invstd = numbanorm.batch_norm_forward(x)
     dx, _, _ = numbanorm.batch_norm_backward(dy, x, mean, invstd)
-    assert_close(dx, reference.backward(dy, x, mean, invstd)[0], np.float32)
+    assert_relatively_close(dx, reference.backward(dy, x, mean, invstd)[0], np.float32)
+
+
+# The (N, C) backward reads invstd * xhat_scale as one factor where it stays in the dtype's
+# normal range (_kernels.grad_params); here it does not: it underflows at a spread of 1e30
+# in float32, and overflows with eps=0 at a spread of 1e-25 (float32) or 1e-160 (float64).
+# (65536, 8) runs on two threads.
+@pytest.mark.parametrize(
+    "dtype, spread, eps", [(np.float32, 1e30, 1e-5), (np.float32, 1e-25, 0.0), (np.float64, 1e-160, 0.0)]
+)
+@pytest.mark.parametrize("shape", [(1000, 3), (65536, 8)])
+def test_gradients_stay_accurate_where_the_folded_factor_leaves_the_range(dtype, spread, eps, shape):
+    rng = np.random.default_rng(12)
+    x = (spread * rng.normal(size=shape)).astype(dtype)
+    dy = rng.normal(size=shape).astype(dtype)
+    _, mean, invstd = numbanorm.batch_norm_forward(x, eps=eps)
+    sum_dy, sum_dy_xhat = numbanorm.batch_norm_backward_reduce(dy, x, mean, invstd)
+    params = _kernels.new_params(_kernels.BACKWARD_ROWS, x[:, :, None], x[:, :, None])
+    assert not _kernels.grad_params(mean, invstd, np.ones(shape[1]), sum_dy, sum_dy_xhat, shape[0], params)
+    expected = reference.backward(dy, x, mean, invstd)[0]
+    assert_relatively_close(numbanorm.batch_norm_backward(dy, x, mean, invstd)[0], expected, dtype)
+    count = shape[0]
+    elemt = numbanorm.batch_norm_backward_elemt(dy, x, mean, invstd, None, sum_dy, sum_dy_xhat, count)
+    assert_relatively_close(elemt, expected, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -992,7 +1023,8 @@ def test_kernels_split_small_batches_by_features_and_runs(shape, dtype, chunks):
     forward = _kernels.new_params(_kernels.FORWARD_ROWS, x, x)
     _kernels.normalize_params(mean, invstd, np.ones(features), np.zeros(features), forward)
     backward = _kernels.new_params(_kernels.BACKWARD_ROWS, x, x)
-    _kernels.grad_params(mean, invstd, np.ones(features), sums[0], sums[1] * invstd, float(count), backward)
+    folded = _kernels.grad_params(mean, invstd, np.ones(features), sums[0], sums[1] * invstd, float(count), backward)
+    assert folded
     expected = {
         "normalize": reference.forward(x, eps=1e-5)[0],
         "grad_input": reference.backward(dy, x, mean, invstd)[0],
@@ -1000,8 +1032,8 @@ def test_kernels_split_small_batches_by_features_and_runs(shape, dtype, chunks):
     }
     for name, run in {
         "normalize": lambda c, out: _kernels.normalize(x, forward, c, False, out),
-        "grad_input": lambda c, out: _kernels.grad_input(dy, x, backward, True, c, False, out),
-        "scale": lambda c, out: _kernels.grad_input(dy, x, backward, False, c, False, out),
+        "grad_input": lambda c, out: _kernels.grad_input(dy, x, backward, folded, True, c, False, out),
+        "scale": lambda c, out: _kernels.grad_input(dy, x, backward, folded, False, c, False, out),
     }.items():
         serial, split = np.full_like(x, np.nan), np.full_like(x, np.nan)
         run(1, serial)

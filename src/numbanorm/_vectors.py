@@ -163,6 +163,11 @@ def _input_gradient(b, dy, x, hi, invstd, dy_scale, xhat_scale, offset):
     return b.fsub(scaled, offset, flags=_FLAGS)
 
 
+def _folded_input_gradient(b, dy, x, hi, dy_scale, xmu_scale, offset):
+    scaled = b.fsub(b.fmul(dy, dy_scale, flags=_FLAGS), b.fmul(b.fsub(x, hi, flags=_FLAGS), xmu_scale, flags=_FLAGS), flags=_FLAGS)
+    return b.fsub(scaled, offset, flags=_FLAGS)
+
+
 @intrinsic
 def vector_normalize(typingctx, y, i, c, nontemporal, x, hi, scale, shift):
     """``y[i:i+lanes] = (x - hi) * scale + shift``, as ``_kernels._slab_normalize``; ``y[i]`` 32-byte aligned.
@@ -176,13 +181,29 @@ def vector_normalize(typingctx, y, i, c, nontemporal, x, hi, scale, shift):
 
 
 @intrinsic
-def vector_grad_input(typingctx, dx, i, c, nontemporal, dy, x, hi, invstd, dy_scale, xhat_scale, offset):
-    """``dx[i:i+lanes] = dy * dy_scale - ((x - hi) * invstd) * xhat_scale - offset``; ``dx[i]`` 32-byte aligned.
+def vector_grad_input(typingctx, dx, i, c, nontemporal, dy, x, hi, dy_scale, xmu_scale, offset):
+    """``dx[i:i+lanes] = dy * dy_scale - (x - hi) * xmu_scale - offset``; ``dx[i]`` 32-byte aligned.
 
-    As ``_kernels._slab_grad_input``, operation for operation; arguments as
-    for ``vector_normalize``.
+    As ``_kernels._grad_input_vectors``, operation for operation: four
+    per-feature rows, ``xmu_scale`` being ``invstd * xhat_scale`` rounded once
+    (``_kernels._grad_column``). Arguments as for ``vector_normalize``.
     """
-    return types.void(dx, i, c, nontemporal, dy, x, hi, invstd, dy_scale, xhat_scale, offset), _vector_op(2, _input_gradient)
+    return types.void(dx, i, c, nontemporal, dy, x, hi, dy_scale, xmu_scale, offset), _vector_op(2, _folded_input_gradient)
+
+
+@intrinsic
+def value_grad_input(typingctx, dy, x, hi, dy_scale, xmu_scale, offset):
+    """One value of ``vector_grad_input``: the same operations on scalars, for the values the vectors leave.
+
+    Written in Numba, the line that computes it is compiled with ``reassoc`` as
+    well, and LLVM may group its subtractions another way: values of a ``dx``
+    that cancels to near zero then depended on where the output's vectors began.
+    """
+
+    def codegen(context, builder, signature, args):
+        return _folded_input_gradient(builder, *args)
+
+    return x(dy, x, hi, dy_scale, xmu_scale, offset), codegen
 
 
 # Rows a ``*_rows`` intrinsic computes per load of the per-feature rows.
@@ -199,10 +220,10 @@ def vector_normalize_rows(typingctx, y, i, stride, c, nontemporal, x, hi, scale,
 
 
 @intrinsic
-def vector_grad_input_rows(typingctx, dx, i, stride, c, nontemporal, dy, x, hi, invstd, dy_scale, xhat_scale, offset):
+def vector_grad_input_rows(typingctx, dx, i, stride, c, nontemporal, dy, x, hi, dy_scale, xmu_scale, offset):
     """``vector_grad_input`` on ``ROWS`` rows, as ``vector_normalize_rows``."""
-    signature = types.void(dx, i, stride, c, nontemporal, dy, x, hi, invstd, dy_scale, xhat_scale, offset)
-    return signature, _vector_op(2, _input_gradient, ROWS)
+    signature = types.void(dx, i, stride, c, nontemporal, dy, x, hi, dy_scale, xmu_scale, offset)
+    return signature, _vector_op(2, _folded_input_gradient, ROWS)
 
 
 def _scaled(b, dy, dy_scale):

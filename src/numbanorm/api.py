@@ -853,6 +853,6 @@ def batch_norm_backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, c
         raise ValueError(f"count must be a whole number of values, got {count}")
     dx3 = _output(out, x, (x3, dy3), axis, transposed, dtype)
     params = _kernels.new_params(_kernels.BACKWARD_ROWS, x3, dx3)
-    _kernels.grad_params(mean, invstd, gamma, sum_dy, sum_dy_xhat, count, params)
-    _kernels.grad_input(dy3, x3, params, True, _chunks(x3.nbytes), _stream(dx3, (dy3, x3)), dx3)
+    folded = _kernels.grad_params(mean, invstd, gamma, sum_dy, sum_dy_xhat, count, params)
+    _kernels.grad_input(dy3, x3, params, folded, True, _chunks(x3.nbytes), _stream(dx3, (dy3, x3)), dx3)
     return _finish(dx3, out, x.shape, transposed, dtype)
