@@ -200,6 +200,9 @@ def value_grad_input(typingctx, dy, x, hi, dy_scale, xmu_scale, offset):
     that cancels to near zero then depended on where the output's vectors began.
     """
 
+    if not isinstance(x, types.Float) or any(kind != x for kind in (dy, hi, dy_scale, xmu_scale, offset)):
+        return None  # a TypingError: the operations take one float type
+
     def codegen(context, builder, signature, args):
         return _folded_input_gradient(builder, *args)
 
