@@ -13,7 +13,8 @@ work:
 - the normalization beside ``(x - a) * b + c`` with scalars ``a, b, c``
   (``_vectors.run_normalize``, the kernels' own vector loop for runs);
 - the backward's sums beside the sums of ``x`` and of ``dy`` (two reads);
-- ``dx`` beside ``_vectors.run_grad_input`` with scalar constants.
+- ``dx`` beside ``_vectors.run_grad_input`` with scalar constants (the formula of
+  the ``(N, C, H, W)`` runs: one multiplication more than the ``(N, C)`` pass's).
 
 "plain" in the last columns puts two plain passes together: what a forward
 (or backward) moving the same bytes would reach, as a fraction of the copy, as
