@@ -91,8 +91,3 @@ def with_layout(a, layout):
         return b
     raise ValueError(f"unknown layout {layout!r}")
 
-
-# Per-dtype tolerance on outputs (relative and absolute, scaled by the result's size):
-# float16 results are float32 computations rounded to float16, the others are float64
-# computations rounded to the output dtype.
-TOLERANCE = {np.dtype(np.float16): 2e-3, np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-9}
