@@ -82,6 +82,15 @@ EIGHT_ROWS_MIN_FEATURES = 512
 # (4096x16) super-rows won, 13 against 19 us and 17 against 31.
 STATS_SUPER_MIN_ROWS = 32
 GRAD_SUPER_MIN_ROWS = 16
+# Rows of at least this many features go through the serial backward's sums as they are
+# (``_grad_super_rows``): their loop is long enough, and the super-rows' scratch, tiled mean
+# and folding cost more than they saved. Kernel level (medians of 25 shuffled rounds), the
+# sums without super-rows against with them: 256x256 0.77x the time in float32 and 0.86x in
+# float64, 64x256 0.64x, 512x256 0.92x, 256x128 0.81-0.93x, 1024x128 0.97x; but 2048x64
+# 1.43x (256x64 float64 0.88x). Through the API, the backward 0.90-0.94x on 64x256 to 512x256.
+# Not on two threads: there 2048x256 float64 took 1.12x the time and 1024x512 float32 1.04x
+# (1024x256 float32 0.87x).
+GRAD_PLAIN_MIN_FEATURES = 128
 # The backward's sums over (N, C, H, W) runs of at most this many values take the runs of
 # four images at a time (``_runs_grad_sums``); the statistics take four at a time whatever
 # their length (``_block_stats``). Kernel level, two threads, against one run at a time
@@ -308,7 +317,7 @@ def _super_rows(rows, features, inner, min_supers):
 
 
 @jit
-def _grad_super_rows(outer, features, inner):
+def _grad_super_rows(outer, features, inner, chunks):
     """``_super_rows`` for the backward's sums: ``GRAD_SUPER_FEATURES`` super-features on large arrays.
 
     Each group of four super-rows pays a set-up (LLVM's checks that the sums
@@ -318,12 +327,13 @@ def _grad_super_rows(outer, features, inner):
     2-5 % in float64. (The statistics gained nothing: their blocks cut a
     super-row into tiles of ``FEATURE_TILE`` anyway.) Below
     ``GRAD_WIDE_MIN_VALUES`` values the wider sums' zeroing and folding cost
-    what they save.
+    what they save; on one slab (``chunks``), rows of ``GRAD_PLAIN_MIN_FEATURES``
+    or more take none.
     """
     k = _super_rows(outer, features, inner, GRAD_SUPER_MIN_ROWS)
     if k > 1 and outer * features >= GRAD_WIDE_MIN_VALUES:
         return GRAD_SUPER_FEATURES // features
-    return k
+    return 1 if chunks == 1 and features >= GRAD_PLAIN_MIN_FEATURES else k
 
 
 @jit
@@ -1057,7 +1067,7 @@ def grad_sums(dy, x, mean, chunks, sum_dy, sum_dy_xmu):
     outer, features, inner = x.shape
     by_features = _splits_features(outer, features, inner, chunks)  # then each slab adds its own features
     chunks = max(1, min(chunks, features if by_features else outer))
-    k = _grad_super_rows(outer, features, inner)
+    k = _grad_super_rows(outer, features, inner, chunks)
     sum_dy[:] = 0.0
     sum_dy_xmu[:] = 0.0
     if chunks == 1 and k == 1:  # straight into the sums: small arrays feel the slabs' allocations
