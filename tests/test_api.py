@@ -1069,18 +1069,18 @@ def test_statistics_of_a_block_of_any_number_of_rows(rows, features, dtype):
 @pytest.mark.parametrize("features", [1, 5, 64, 300, 512])
 def test_narrow_rows_read_as_super_rows_match(features, dtype, path):
     # The reductions read rows of at most 512 features k = 1024 // features at a time
-    # (_kernels._super_rows; the serial backward's sums only rows of fewer than
-    # GRAD_PLAIN_MIN_FEATURES), in blocks of BLOCK_BYTES: three blocks, then one more
+    # (_kernels._super_rows; on one slab only rows of fewer than PLAIN_MIN_FEATURES), in blocks of BLOCK_BYTES: three blocks, then one more
     # super-row and a row left over, split between the slabs of the parallel path.
     k = _kernels.FEATURE_TILE // features
     supers_per_block = _kernels.BLOCK_BYTES // np.dtype(dtype).itemsize // _kernels.FEATURE_TILE
     rows = 3 * supers_per_block * k + k + 1
     # Enough rows for each of 3 slabs (the parallel path) to read them as super-rows.
     min_supers = max(_kernels.STATS_SUPER_MIN_ROWS, _kernels.GRAD_SUPER_MIN_ROWS)
-    assert _kernels._super_rows(rows // 3, features, 1, min_supers) == k
-    plain = features >= _kernels.GRAD_PLAIN_MIN_FEATURES
+    assert _kernels._super_rows(rows // 3, features, 1, min_supers, 3) == k
+    # On one slab, rows of PLAIN_MIN_FEATURES or more are read as they are.
+    plain = features >= _kernels.PLAIN_MIN_FEATURES
+    assert _kernels._super_rows(rows, features, 1, min_supers, 1) == (1 if plain else k)
     assert _kernels._grad_super_rows(rows, features, 1, 1) == (1 if plain else k)
-    assert _kernels._grad_super_rows(rows // 3, features, 1, 3) == k
     rng = np.random.default_rng(features)
     offsets = rng.uniform(-1e4, 1e4, features)
     x = (rng.normal(0, 3, size=(rows, features)) + offsets).astype(dtype)
@@ -1105,7 +1105,7 @@ def test_large_narrow_rows_give_the_backward_sums_wider_super_rows(features, dty
     # rows left over after the last super-row of each slab.
     k = _kernels.GRAD_SUPER_FEATURES // features
     rows = -(-_kernels.GRAD_WIDE_MIN_VALUES // features) + k + 1
-    assert _kernels._grad_super_rows(rows, features, 1, 1) == k > _kernels._super_rows(rows, features, 1, 1)
+    assert _kernels._grad_super_rows(rows, features, 1, 1) == k > _kernels._super_rows(rows, features, 1, 1, 1)
     rng = np.random.default_rng(features)
     x = (rng.normal(0, 3, size=(rows, features)) + rng.uniform(-1e4, 1e4, features)).astype(dtype)
     dy = rng.normal(size=(rows, features)).astype(dtype)

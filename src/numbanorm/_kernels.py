@@ -82,15 +82,17 @@ EIGHT_ROWS_MIN_FEATURES = 512
 # (4096x16) super-rows won, 13 against 19 us and 17 against 31.
 STATS_SUPER_MIN_ROWS = 32
 GRAD_SUPER_MIN_ROWS = 16
-# Rows of at least this many features go through the serial backward's sums as they are
-# (``_grad_super_rows``): their loop is long enough, and the super-rows' scratch, tiled mean
-# and folding cost more than they saved. Kernel level (medians of 25 shuffled rounds), the
-# sums without super-rows against with them: 256x256 0.77x the time in float32 and 0.86x in
-# float64, 64x256 0.64x, 512x256 0.92x, 256x128 0.81-0.93x, 1024x128 0.97x; but 2048x64
-# 1.43x (256x64 float64 0.88x). Through the API, the backward 0.90-0.94x on 64x256 to 512x256.
-# Not on two threads: there 2048x256 float64 took 1.12x the time and 1024x512 float32 1.04x
-# (1024x256 float32 0.87x).
-GRAD_PLAIN_MIN_FEATURES = 128
+# Rows of at least this many features go through the serial reductions of arrays below
+# GRAD_WIDE_MIN_VALUES values as they are (``_super_rows``): their loop is long enough, and
+# the super-rows' scratch, tiled mean and folding cost more than they saved. Kernel level
+# (medians of 25 shuffled rounds), without super-rows against with them: the backward's sums
+# of 256x256 0.77x the time in float32 and 0.86x in float64, 64x256 0.64x, 512x256 0.92x,
+# 256x128 0.81-0.93x, 1024x128 0.97x, but 2048x64 1.43x (256x64 float64 0.88x); the statistics
+# of 256x256 0.83-0.93x, 512x256 0.92-0.94x, 256x128 0.70-0.83x, 1024x128 0.94-0.95x, 128x512
+# 0.88-0.89x. Through the API, the backward 0.90-0.94x on 64x256 to 512x256 and the training
+# forward 0.89-0.98x on those shapes. Not on two threads: there the backward of 2048x256
+# float64 took 1.12x the time and 1024x512 float32 1.04x (1024x256 float32 0.87x).
+PLAIN_MIN_FEATURES = 128
 # The backward's sums over (N, C, H, W) runs of at most this many values take the runs of
 # four images at a time (``_runs_grad_sums``); the statistics take four at a time whatever
 # their length (``_block_stats``). Kernel level, two threads, against one run at a time
@@ -296,7 +298,7 @@ def _corrected(shift, count, total, squares):
 
 
 @jit
-def _super_rows(rows, features, inner, min_supers):
+def _super_rows(rows, features, inner, min_supers, chunks):
     """How many narrow ``(N, C)`` rows the reductions read as one "super-row" (1: none).
 
     A row of few features is too short a loop: its set-up (LLVM's runtime checks
@@ -307,9 +309,12 @@ def _super_rows(rows, features, inner, min_supers):
     ``c`` of the ``q``-th row, and folding the ``k`` of them back gives
     feature ``c``. This made the statistics of ``(50176, 64)`` float64 a third
     faster. Not for fewer than ``min_supers`` super-rows in ``rows``: folding
-    the ``k * C`` super-features back costs more than it saves on so few.
+    the ``k * C`` super-features back costs more than it saves on so few. Not
+    on one slab (``chunks``) of a small array either, for rows of
+    ``PLAIN_MIN_FEATURES`` or more, whose loop is long enough.
     """
-    if inner == 1 and 2 * features <= FEATURE_TILE:
+    plain = chunks == 1 and features >= PLAIN_MIN_FEATURES and rows * features < GRAD_WIDE_MIN_VALUES
+    if inner == 1 and 2 * features <= FEATURE_TILE and not plain:
         k = FEATURE_TILE // features
         if rows >= min_supers * k:
             return k
@@ -327,13 +332,12 @@ def _grad_super_rows(outer, features, inner, chunks):
     2-5 % in float64. (The statistics gained nothing: their blocks cut a
     super-row into tiles of ``FEATURE_TILE`` anyway.) Below
     ``GRAD_WIDE_MIN_VALUES`` values the wider sums' zeroing and folding cost
-    what they save; on one slab (``chunks``), rows of ``GRAD_PLAIN_MIN_FEATURES``
-    or more take none.
+    what they save.
     """
-    k = _super_rows(outer, features, inner, GRAD_SUPER_MIN_ROWS)
+    k = _super_rows(outer, features, inner, GRAD_SUPER_MIN_ROWS, chunks)
     if k > 1 and outer * features >= GRAD_WIDE_MIN_VALUES:
         return GRAD_SUPER_FEATURES // features
-    return 1 if chunks == 1 and features >= GRAD_PLAIN_MIN_FEATURES else k
+    return k
 
 
 @jit
@@ -355,16 +359,17 @@ def _tiled(v, k):
 
 
 @jit
-def _slab_stats(x, start, stop, mean, m2, scratch):
+def _slab_stats(x, start, stop, chunks, mean, m2, scratch):
     """Count, mean and m2 of rows ``start:stop`` of ``x``, written into ``mean``/``m2``.
 
     Narrow rows are read as super-rows (``_super_rows``): the statistics of
     the ``k * features`` super-features, each Chan's update of its own, fold
     into the features' at the end, with the rows left over after the last
-    super-row. ``scratch`` is 4 rows of at least ``max(features, FEATURE_TILE)``.
+    super-row. ``scratch`` is 4 rows of at least ``max(features, FEATURE_TILE)``;
+    ``chunks``: how many slabs the call shares the rows among.
     """
     outer, features, inner = x.shape
-    k = _super_rows(stop - start, features, inner, STATS_SUPER_MIN_ROWS)
+    k = _super_rows(stop - start, features, inner, STATS_SUPER_MIN_ROWS, chunks)
     if k == 1:
         return _blocked_stats(x, start, stop, ZERO, features, mean, m2, scratch[0], scratch[1])
     width = k * features
@@ -468,7 +473,7 @@ def partial_stats(x, chunks, mean, m2):
     slab_m2 = np.empty((chunks, features))
     scratch = np.empty((chunks, 4, max(features, FEATURE_TILE)))
     if chunks == 1:  # skip the thread pool: its start-up dominates small arrays
-        slab_count[0] = _slab_stats(x, ZERO, outer, slab_mean[0], slab_m2[0], scratch[0])
+        slab_count[0] = _slab_stats(x, ZERO, outer, chunks, slab_mean[0], slab_m2[0], scratch[0])
     else:
         for t in prange(chunks):  # one parallel region for both splits: each costs a second of compilation
             if by_features:
@@ -476,7 +481,7 @@ def partial_stats(x, chunks, mean, m2):
                 _blocked_stats(x, ZERO, outer, first, last, mean, m2, scratch[t, 0], scratch[t, 1])
             else:
                 start, stop = _bounds(outer, chunks, t)
-                slab_count[t] = _slab_stats(x, start, stop, slab_mean[t], slab_m2[t], scratch[t])
+                slab_count[t] = _slab_stats(x, start, stop, chunks, slab_mean[t], slab_m2[t], scratch[t])
     if by_features:
         return float(outer * inner)
     count = 0.0
