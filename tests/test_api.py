@@ -1185,6 +1185,47 @@ def at_line_offset(values, dtype, offset):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_small_outputs_take_wide_vectors_with_the_same_values(dtype):
+    # (N, C) outputs below WIDE_VECTORS_MAX_BYTES go through the flat element-wise loops in
+    # 64-byte vectors, larger ones in 32-byte vectors (_kernels._wide_vectors). Each value
+    # takes the same operations either way: the first rows of a large array's inference and
+    # dx are bit for bit those of the same rows alone, whatever the output's offset from a
+    # 64-byte boundary.
+    itemsize = np.dtype(dtype).itemsize
+    features, small = 37, 50
+    rows = _kernels.WIDE_VECTORS_MAX_BYTES // (features * itemsize) + 1
+    rng = np.random.default_rng(itemsize)
+    x = (rng.normal(0, 3, size=(rows, features)) + rng.uniform(-1e4, 1e4, features)).astype(dtype)
+    dy = rng.normal(size=x.shape).astype(dtype)
+    assert x.nbytes >= _kernels.WIDE_VECTORS_MAX_BYTES > x[:small].nbytes
+    gamma, beta = rng.uniform(0.5, 2, features), rng.normal(size=features)
+    running_mean, running_var = rng.normal(size=features), rng.uniform(0.5, 2, features)
+    _, mean, invstd = numbanorm.batch_norm_forward(x)
+    sum_dy, sum_dy_xhat = numbanorm.batch_norm_backward_reduce(dy, x, mean, invstd)
+    ops = {
+        "inference": lambda x, dy, out=None: numbanorm.batch_norm_forward(
+            x, gamma, beta, training=False, running_mean=running_mean, running_var=running_var, out=out
+        )[0],
+        "dx": lambda x, dy, out=None: numbanorm.batch_norm_backward_elemt(
+            dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, rows, out=out
+        ),
+        "dx with constant statistics": lambda x, dy, out=None: numbanorm.batch_norm_backward(
+            dy, x, mean, invstd, gamma, training=False, out=out
+        )[0],
+    }
+    for name, op in ops.items():
+        part = op(x[:small], dy[:small])
+        np.testing.assert_array_equal(part, op(x, dy)[:small], err_msg=name)
+        for offset in range(0, _kernels.LINE_BYTES, itemsize):
+            out = at_line_offset(small * features, dtype, offset).reshape(small, features)
+            out[...] = np.nan
+            op(x[:small], dy[:small], out)
+            np.testing.assert_array_equal(out, part, err_msg=f"{name}, the output {offset} bytes past a line")
+    expected = reference.forward(x[:small], gamma, beta, training=False, running_mean=running_mean, running_var=running_var)[0]
+    assert_close(ops["inference"](x[:small], dy[:small]), expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_per_feature_rows_start_where_the_output_does_in_a_line(dtype):
     # _kernels.new_params: the vectors align on the output, and read the per-feature rows at
     # the same features; each row starts at the output's offset within a 64-byte line, so

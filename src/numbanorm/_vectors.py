@@ -1,9 +1,10 @@
 """Explicit vector operations for the element-wise passes over ``(N, C)`` rows and short runs.
 
-Each ``vector_*`` intrinsic computes one 32-byte vector of the output (a ``*_rows``
-one, one vector in each of ``ROWS`` rows) from vectors of the inputs and of the
-per-feature rows, then stores it, at an address that must be 32-byte aligned
-(the kernels peel scalar values until it is). Each ``run_*`` intrinsic computes
+Each ``vector_*`` intrinsic computes one vector of the output (32 bytes; the flat
+ones 64 on small arrays, as their ``width`` says; a ``*_rows`` one, one vector in
+each of ``ROWS`` rows) from vectors of the inputs and of the per-feature rows,
+then stores it, at an address aligned on the vector's width (the kernels peel
+scalar values until it is). Each ``run_*`` intrinsic computes
 a whole run of ``(N, C, H, W)`` data with one feature's constants (``_run_op``).
 Numba cannot express either part of the ``vector_*`` ones:
 
@@ -33,6 +34,9 @@ from numba.np.arrayobj import populate_array
 from ._config import FASTMATH
 
 VECTOR_BYTES = 32  # one AVX register; on narrower targets LLVM splits the store
+# The flat ``vector_*`` intrinsics (not the ``*_rows`` ones) also come in this width, for
+# small arrays (``_kernels.WIDE_VECTORS_MAX_BYTES``): one AVX-512 register.
+WIDE_VECTOR_BYTES = 64
 # As the scalar kernels: multiply and add may fuse, unless NUMBANORM_FASTMATH=0.
 _FLAGS = ("contract",) if FASTMATH else ()
 
@@ -109,8 +113,8 @@ def _load(context, builder, array_type, array, index, vector_type):
     return builder.load(pointer, align=array_type.dtype.bitwidth // 8)
 
 
-def _vector_op(inputs, expression, rows=1):
-    """The codegen of ``out[i : i + lanes] = expression(inputs..., per-feature rows...)``.
+def _vector_op(inputs, expression, rows=1, width=VECTOR_BYTES):
+    """The codegen of ``out[i : i + lanes] = expression(inputs..., per-feature rows...)``, in vectors of ``width`` bytes.
 
     Arguments: ``out, i, c, nontemporal``; then ``inputs`` flat arrays read at
     ``i``; then the per-feature rows, read at feature ``c``. All loads come
@@ -121,17 +125,20 @@ def _vector_op(inputs, expression, rows=1):
     With ``rows > 1``, a ``stride`` follows ``i``: the vectors at ``i``,
     ``i + stride``, ... (``rows`` of them, the same features of consecutive
     rows) share one load of the per-feature rows, and are all loaded before
-    any is stored.
+    any is stored. A ``width`` argument after the per-feature rows, if any,
+    is the width's literal (``_width``), not an operand.
     """
     fixed = 4 if rows == 1 else 5
 
     def codegen(context, builder, signature, args):
         out_type = signature.args[0]
-        vector_type = ir.VectorType(context.get_value_type(out_type.dtype), VECTOR_BYTES * 8 // out_type.dtype.bitwidth)
+        vector_type = ir.VectorType(context.get_value_type(out_type.dtype), width * 8 // out_type.dtype.bitwidth)
         out, i, *rest = args[:fixed]
         stride, c, nontemporal = rest if rows > 1 else [None, *rest]
         starts = [i] + [builder.add(i, builder.mul(stride, ir.Constant(ir.IntType(64), r))) for r in range(1, rows)]
         kinds, values = signature.args[fixed:], args[fixed:]
+        if isinstance(kinds[-1], types.IntegerLiteral):  # the width
+            kinds, values = kinds[:-1], values[:-1]
         operands = [
             [_load(context, builder, kind, value, start, vector_type) for kind, value in zip(kinds[:inputs], values[:inputs])]
             for start in starts
@@ -143,11 +150,11 @@ def _vector_op(inputs, expression, rows=1):
         with builder.if_else(nontemporal) as (streamed, plain):
             with streamed:
                 for pointer, result in zip(pointers, results):
-                    store = builder.store(result, pointer, align=VECTOR_BYTES)
+                    store = builder.store(result, pointer, align=width)
                     store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
             with plain:
                 for pointer, result in zip(pointers, results):
-                    builder.store(result, pointer, align=VECTOR_BYTES)
+                    builder.store(result, pointer, align=width)
         return context.get_dummy_value()
 
     return codegen
@@ -168,27 +175,41 @@ def _folded_input_gradient(b, dy, x, hi, dy_scale, xmu_scale, offset):
     return b.fsub(scaled, offset, flags=_FLAGS)
 
 
+def _width(width):
+    """The vector width in bytes that a ``vector_*`` intrinsic's last argument gives: a literal,
+    ``VECTOR_BYTES`` or ``WIDE_VECTOR_BYTES`` (None, a typing error, for anything else)."""
+    if isinstance(width, types.IntegerLiteral) and width.literal_value in (VECTOR_BYTES, WIDE_VECTOR_BYTES):
+        return width.literal_value
+    return None
+
+
 @intrinsic
-def vector_normalize(typingctx, y, i, c, nontemporal, x, hi, scale, shift):
-    """``y[i:i+lanes] = (x - hi) * scale + shift``, as ``_kernels._slab_normalize``; ``y[i]`` 32-byte aligned.
+def vector_normalize(typingctx, y, i, c, nontemporal, x, hi, scale, shift, width):
+    """``y[i:i+lanes] = (x - hi) * scale + shift``, as ``_kernels._slab_normalize``; ``y[i]`` aligned on ``width``.
 
     ``y`` and ``x`` are flat and read at ``i``; the per-feature rows are read
     at feature ``c`` (consecutive values of ``(N, C)`` rows are consecutive
     features, and the rows are padded past the last feature: ``_kernels.PARAMS_PAD``).
-    ``nontemporal``: store with a non-temporal store.
+    ``nontemporal``: store with a non-temporal store. ``width``: the vector's
+    bytes, a literal (``_width``).
     """
-    return types.void(y, i, c, nontemporal, x, hi, scale, shift), _vector_op(1, _normalized)
+    if _width(width) is None:
+        return None
+    return types.void(y, i, c, nontemporal, x, hi, scale, shift, width), _vector_op(1, _normalized, width=_width(width))
 
 
 @intrinsic
-def vector_grad_input(typingctx, dx, i, c, nontemporal, dy, x, hi, dy_scale, xmu_scale, offset):
-    """``dx[i:i+lanes] = dy * dy_scale - (x - hi) * xmu_scale - offset``; ``dx[i]`` 32-byte aligned.
+def vector_grad_input(typingctx, dx, i, c, nontemporal, dy, x, hi, dy_scale, xmu_scale, offset, width):
+    """``dx[i:i+lanes] = dy * dy_scale - (x - hi) * xmu_scale - offset``; ``dx[i]`` aligned on ``width``.
 
     As ``_kernels._grad_input_vectors``, operation for operation: four
     per-feature rows, ``xmu_scale`` being ``invstd * xhat_scale`` rounded once
     (``_kernels._grad_column``). Arguments as for ``vector_normalize``.
     """
-    return types.void(dx, i, c, nontemporal, dy, x, hi, dy_scale, xmu_scale, offset), _vector_op(2, _folded_input_gradient)
+    if _width(width) is None:
+        return None
+    signature = types.void(dx, i, c, nontemporal, dy, x, hi, dy_scale, xmu_scale, offset, width)
+    return signature, _vector_op(2, _folded_input_gradient, width=_width(width))
 
 
 @intrinsic
@@ -234,12 +255,14 @@ def _scaled(b, dy, dy_scale):
 
 
 @intrinsic
-def vector_scale(typingctx, dx, i, c, nontemporal, dy, dy_scale):
-    """``dx[i:i+lanes] = dy * dy_scale``, as ``_kernels._slab_scale``; ``dx[i]`` 32-byte aligned.
+def vector_scale(typingctx, dx, i, c, nontemporal, dy, dy_scale, width):
+    """``dx[i:i+lanes] = dy * dy_scale``, as ``_kernels._slab_scale``; ``dx[i]`` aligned on ``width``.
 
     Arguments as for ``vector_normalize``.
     """
-    return types.void(dx, i, c, nontemporal, dy, dy_scale), _vector_op(1, _scaled)
+    if _width(width) is None:
+        return None
+    return types.void(dx, i, c, nontemporal, dy, dy_scale, width), _vector_op(1, _scaled, width=_width(width))
 
 
 def _splat(builder, value, vector_type):

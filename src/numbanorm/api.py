@@ -204,7 +204,7 @@ def _view_3d(a, axis, transposed, dtype):
 
     An array whose address is not a multiple of its itemsize (a buffer read at
     an odd offset, ``np.frombuffer(..., offset=1)``) is not aligned for the
-    kernels: their vector stores need a 32-byte boundary, which whole values
+    kernels: their vector stores need a 32- or 64-byte boundary, which whole values
     from such an address never reach.
     """
     if a.dtype != dtype or not a.flags.aligned:
