@@ -39,7 +39,8 @@ def data(n, features, classes, seed=0, dtype=np.float64):
     return rng.normal(size=(n, features)).astype(dtype), rng.integers(0, classes, n)
 
 
-def assert_close(actual, expected, dtype, scale):
+def assert_network_close(actual, expected, dtype, scale):
+    """``actual`` within ``TOLERANCE`` (a network's, not ``checks.TOLERANCE``) of ``expected``, relative to ``scale``."""
     tol = TOLERANCE[np.dtype(dtype)]
     np.testing.assert_allclose(np.asarray(actual, np.float64), np.asarray(expected, np.float64), rtol=tol, atol=tol * scale)
 
@@ -399,17 +400,17 @@ def test_one_training_step_matches_torch(dtype, activation, batch_norm, bn_posit
     torch_loss = torch.nn.functional.cross_entropy(twin(torch.from_numpy(x)), torch.from_numpy(labels))
     torch_loss.backward()
 
-    assert_close(loss, torch_loss.item(), dtype, scale=1.0)
+    assert_network_close(loss, torch_loss.item(), dtype, scale=1.0)
     torch_grads = {name: p.grad.numpy() for name, p in twin.named_parameters()}
     assert grads.keys() == torch_grads.keys()
     scale = max(np.abs(g).max() for g in torch_grads.values())
     for name, grad in grads.items():
         assert grad.dtype == dtype
-        assert_close(grad, torch_grads[name], dtype, scale)
+        assert_network_close(grad, torch_grads[name], dtype, scale)
     torch_state = twin.state_dict()
     for name, value in model.state_dict().items():
         expected = torch_state[name].numpy()
-        assert_close(value, expected, dtype, scale=np.abs(expected).max(initial=0.0))
+        assert_network_close(value, expected, dtype, scale=np.abs(expected).max(initial=0.0))
     # After the step the state differs from the initial one (running statistics moved).
     if batch_norm:
         assert any(name.endswith("num_batches_tracked") and v == 1 for name, v in model.state_dict().items())
@@ -433,7 +434,7 @@ def test_optimizer_steps_match_torch(optimizer):
     initial = MLP([5, 7, 3], activation="tanh", bn_position="after", seed=12, dtype=np.float64).state_dict()
     for name, value in model.state_dict().items():
         expected = twin.state_dict()[name].numpy()
-        assert_close(value, expected, np.float64, scale=1.0)
+        assert_network_close(value, expected, np.float64, scale=1.0)
         if not name.endswith("num_batches_tracked"):
             assert not np.array_equal(value, initial[name]), f"{name} did not move"
 
@@ -449,11 +450,11 @@ def test_torch_weights_load_into_the_model():
     twin.eval()
     model.load_state_dict(twin.state_dict())
     expected = twin(x).detach().numpy()
-    assert_close(model.forward(x.numpy(), training=False), expected, np.float32, scale=np.abs(expected).max())
+    assert_network_close(model.forward(x.numpy(), training=False), expected, np.float32, scale=np.abs(expected).max())
     assert model.layers[2].num_batches_tracked == 3
     # to_torch builds the same Sequential.
     assert repr(to_torch(model)) == repr(twin)
-    assert_close(to_torch(model).eval()(x).detach().numpy(), expected, np.float32, scale=np.abs(expected).max())
+    assert_network_close(to_torch(model).eval()(x).detach().numpy(), expected, np.float32, scale=np.abs(expected).max())
 
 
 # --- the paper's effect and the command line -----------------------------------------

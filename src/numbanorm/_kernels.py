@@ -74,7 +74,7 @@ GRAD_WIDE_MIN_VALUES = 2**20
 # L2, with ``_opaque_one`` both, 0.80-1.00 from 64 to 2048 features. But on blocks of 64 to
 # 128 features (arrays too small for super-rows: 32x128, 128x128) eight rows took 1.05-1.09x
 # the time, and 32x64 to 64x64 1.04-1.06x; with this limit those took 0.97-0.99x, and
-# 256x256 (super-rows) 0.92-0.98x.
+# 256x256 (read as super-rows then, PLAIN_MIN_FEATURES) 0.92-0.98x.
 EIGHT_ROWS_MIN_FEATURES = 512
 # Fewest super-rows (``_super_rows``) worth reading narrow rows as super-rows, in the
 # statistics and in the backward's sums. Serial, float32: with 4 super-rows (64x64) the
@@ -769,7 +769,8 @@ def new_like(x):
 
     The vector kernels align their stores on the output: when ``x`` starts
     16 or 48 bytes past where the output does, half of its 32-byte loads span
-    two lines. ``malloc`` gives 16-byte boundaries, so a new output meets ``x``
+    two lines (and every 64-byte one, on outputs below ``WIDE_VECTORS_MAX_BYTES``;
+    ``api.py`` takes this function from 1 MiB on). ``malloc`` gives 16-byte boundaries, so a new output meets ``x``
     at one offset or another by chance. Where they did not meet, kernel level,
     the ``(N, C)`` backward's pass of 1024x512 and 4096x1024 float32 took
     1.09-1.18x the time, their normalization 1.02-1.09x, and ``(N, C, H, W)``

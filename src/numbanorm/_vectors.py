@@ -113,7 +113,7 @@ def _load(context, builder, array_type, array, index, vector_type):
     return builder.load(pointer, align=array_type.dtype.bitwidth // 8)
 
 
-def _vector_op(inputs, expression, rows=1, width=VECTOR_BYTES):
+def _vector_op(inputs, expression, rows=1, width=VECTOR_BYTES, width_argument=False):
     """The codegen of ``out[i : i + lanes] = expression(inputs..., per-feature rows...)``, in vectors of ``width`` bytes.
 
     Arguments: ``out, i, c, nontemporal``; then ``inputs`` flat arrays read at
@@ -125,8 +125,8 @@ def _vector_op(inputs, expression, rows=1, width=VECTOR_BYTES):
     With ``rows > 1``, a ``stride`` follows ``i``: the vectors at ``i``,
     ``i + stride``, ... (``rows`` of them, the same features of consecutive
     rows) share one load of the per-feature rows, and are all loaded before
-    any is stored. A ``width`` argument after the per-feature rows, if any,
-    is the width's literal (``_width``), not an operand.
+    any is stored. ``width_argument``: the last argument is the width's
+    literal (``_width``), not an operand.
     """
     fixed = 4 if rows == 1 else 5
 
@@ -137,7 +137,7 @@ def _vector_op(inputs, expression, rows=1, width=VECTOR_BYTES):
         stride, c, nontemporal = rest if rows > 1 else [None, *rest]
         starts = [i] + [builder.add(i, builder.mul(stride, ir.Constant(ir.IntType(64), r))) for r in range(1, rows)]
         kinds, values = signature.args[fixed:], args[fixed:]
-        if isinstance(kinds[-1], types.IntegerLiteral):  # the width
+        if width_argument:
             kinds, values = kinds[:-1], values[:-1]
         operands = [
             [_load(context, builder, kind, value, start, vector_type) for kind, value in zip(kinds[:inputs], values[:inputs])]
@@ -193,9 +193,10 @@ def vector_normalize(typingctx, y, i, c, nontemporal, x, hi, scale, shift, width
     ``nontemporal``: store with a non-temporal store. ``width``: the vector's
     bytes, a literal (``_width``).
     """
-    if _width(width) is None:
+    width_bytes = _width(width)
+    if width_bytes is None:
         return None
-    return types.void(y, i, c, nontemporal, x, hi, scale, shift, width), _vector_op(1, _normalized, width=_width(width))
+    return types.void(y, i, c, nontemporal, x, hi, scale, shift, width), _vector_op(1, _normalized, width=width_bytes, width_argument=True)
 
 
 @intrinsic
@@ -206,10 +207,11 @@ def vector_grad_input(typingctx, dx, i, c, nontemporal, dy, x, hi, dy_scale, xmu
     per-feature rows, ``xmu_scale`` being ``invstd * xhat_scale`` rounded once
     (``_kernels._grad_column``). Arguments as for ``vector_normalize``.
     """
-    if _width(width) is None:
+    width_bytes = _width(width)
+    if width_bytes is None:
         return None
     signature = types.void(dx, i, c, nontemporal, dy, x, hi, dy_scale, xmu_scale, offset, width)
-    return signature, _vector_op(2, _folded_input_gradient, width=_width(width))
+    return signature, _vector_op(2, _folded_input_gradient, width=width_bytes, width_argument=True)
 
 
 @intrinsic
@@ -260,9 +262,10 @@ def vector_scale(typingctx, dx, i, c, nontemporal, dy, dy_scale, width):
 
     Arguments as for ``vector_normalize``.
     """
-    if _width(width) is None:
+    width_bytes = _width(width)
+    if width_bytes is None:
         return None
-    return types.void(dx, i, c, nontemporal, dy, dy_scale, width), _vector_op(1, _scaled, width=_width(width))
+    return types.void(dx, i, c, nontemporal, dy, dy_scale, width), _vector_op(1, _scaled, width=width_bytes, width_argument=True)
 
 
 def _splat(builder, value, vector_type):
