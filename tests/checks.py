@@ -56,7 +56,7 @@ def gradient_scale(dy, x, mean, invstd, gamma=None, axis=1, training=True):
     terms = np.abs(dy).max(axis=axes, initial=0.0)
     if training:
         count = x.size // features
-        xhat = (np.asarray(x, dtype=np.float64) - reference._per_feature(mean, x, axis)) * reference._per_feature(invstd, x, axis)
+        xhat = reference.xhat(x, mean, invstd, axis)
         terms = terms + np.abs(dy.sum(axis=axes)) / count
         terms = terms + np.abs(xhat).max(axis=axes, initial=0.0) * np.abs((dy * xhat).sum(axis=axes)) / count
     gamma = np.ones(features) if gamma is None else np.asarray(gamma, dtype=np.float64)
@@ -90,6 +90,6 @@ def assert_backward_close(actual, expected, dtype, dy, x, mean, invstd, gamma=No
     expected_dx, expected_dgamma, expected_dbeta = expected
     assert_gradient_close(dx, np.asarray(expected_dx, dtype=np.float64), dtype, gradient_scale(dy, x, mean, invstd, gamma, axis, training))
     sums_dtype = np.float32 if np.dtype(dtype) == np.float16 else dtype
-    xhat = (np.asarray(x, dtype=np.float64) - reference._per_feature(mean, x, axis)) * reference._per_feature(invstd, x, axis)
+    xhat = reference.xhat(x, mean, invstd, axis)
     assert_close(dgamma, expected_dgamma, sums_dtype, scale=feature_sums(np.asarray(dy, dtype=np.float64) * xhat, axis))
     assert_close(dbeta, expected_dbeta, sums_dtype, scale=feature_sums(dy, axis))

@@ -17,6 +17,11 @@ def _per_feature(v, x, axis):
     return np.asarray(v, dtype=np.float64).reshape(shape)
 
 
+def xhat(x, mean, invstd, axis=1):
+    """``(x - mean) * invstd`` in float64, the statistics taken along ``axis``."""
+    return (np.asarray(x, dtype=np.float64) - _per_feature(mean, x, axis)) * _per_feature(invstd, x, axis)
+
+
 def stats(x, axis=1):
     """Mean and biased variance per feature."""
     x = np.asarray(x, dtype=np.float64)
@@ -42,8 +47,8 @@ def forward(x, gamma=None, beta=None, axis=1, eps=1e-5, training=True,
         mean = np.asarray(running_mean, dtype=np.float64)
         var = np.asarray(running_var, dtype=np.float64)
     invstd = 1.0 / np.sqrt(var + eps)
-    xhat = (x - _per_feature(mean, x, axis)) * _per_feature(invstd, x, axis)
-    y = _per_feature(gamma, x, axis) * xhat + _per_feature(beta, x, axis)
+    normalized = xhat(x, mean, invstd, axis)
+    y = _per_feature(gamma, x, axis) * normalized + _per_feature(beta, x, axis)
     return y, mean, invstd, new_running_mean, new_running_var
 
 
@@ -54,13 +59,13 @@ def backward(dy, x, mean, invstd, gamma=None, axis=1, training=True):
     features = x.shape[axis]
     gamma = np.ones(features) if gamma is None else np.asarray(gamma, dtype=np.float64)
     axes = _reduced_axes(x, axis)
-    xhat = (x - _per_feature(mean, x, axis)) * _per_feature(invstd, x, axis)
+    normalized = xhat(x, mean, invstd, axis)
     dbeta = dy.sum(axis=axes)
-    dgamma = (dy * xhat).sum(axis=axes)
+    dgamma = (dy * normalized).sum(axis=axes)
     scale = _per_feature(gamma * invstd, x, axis)
     if training:
         count = x.size // features
-        dx = scale * (dy - _per_feature(dbeta / count, x, axis) - xhat * _per_feature(dgamma / count, x, axis))
+        dx = scale * (dy - _per_feature(dbeta / count, x, axis) - normalized * _per_feature(dgamma / count, x, axis))
     else:
         dx = scale * dy
     return dx, dgamma, dbeta
