@@ -1371,6 +1371,12 @@ BAD_CALLS = [
     ("masked x in stats", lambda x: numbanorm.batch_norm_stats(np.ma.masked_equal(x, 3)), TypeError, "x is a masked array"),
     ("masked dy", lambda x: numbanorm.batch_norm_backward(np.ma.masked_less(x, 1), x, ZEROS, ONES), TypeError, "dy is a masked array"),
     ("masked gamma", lambda x: numbanorm.batch_norm_forward(x, np.ma.masked_equal(ONES, 1.0)), TypeError, "gamma is a masked array"),
+    # NumPy's own messages for these name nothing.
+    ("ragged x", lambda x: numbanorm.batch_norm_forward([[1.0, 2.0], [3.0]]), ValueError, "x does not convert"),
+    ("ragged gamma", lambda x: numbanorm.batch_norm_forward(x, [[1.0], [1.0, 2.0], [1.0], [1.0]]), ValueError, "gamma does not convert"),
+    ("ragged dy", lambda x: numbanorm.batch_norm_backward([[1.0] * 4] * 5 + [[1.0]], x, ZEROS, ONES), ValueError, "dy does not convert"),
+    ("eps beyond float", lambda x: numbanorm.batch_norm_forward(x, eps=10**400), ValueError, "eps"),
+    ("elemt count beyond float", lambda x: numbanorm.batch_norm_backward_elemt(x, x, ZEROS, ONES, None, ZEROS, ZEROS, 10**400), ValueError, "count"),
 ]
 
 

@@ -134,8 +134,25 @@ def test_merge_stats_rejects_no_parts_and_mismatched_parts():
         numbanorm.merge_stats([part[:2]])
     with pytest.raises(ValueError, match=r"parts\[0\]'s count, mean and m2 must have one shape, got \(3,\), \(3,\) and \(2,\)"):
         numbanorm.merge_stats([(part[0], part[1], part[2][:2])])
-    with pytest.raises(ValueError, match=r"parts\[1\]'s count must be >= 0"):
+    with pytest.raises(ValueError, match=r"parts\[1\]'s count must be finite and >= 0, got -4.0"):
         numbanorm.merge_stats([part, (-part[0], part[1], part[2])])
+    with pytest.raises(ValueError, match=r"parts\[1\]'s count must be finite and >= 0, got inf"):
+        numbanorm.merge_stats([part, (part[0] * np.inf, part[1], part[2])])
+    with pytest.raises(ValueError, match=r"parts\[0\]'s m2 \(a sum of squared deviations\) must be >= 0, got -1.0"):
+        numbanorm.merge_stats([(part[0], part[1], part[2] - 1.0), part])
+    # A NaN m2 is data, not a mistake: it stays in its feature.
+    nan_m2 = numbanorm.merge_stats([part, (part[0], part[1], np.array([0.0, np.nan, 0.0]))])[2]
+    np.testing.assert_array_equal(np.isnan(nan_m2), [False, True, False])
+
+
+def test_merge_stats_refuses_masked_values_as_the_rest_of_the_api_does():
+    part = numbanorm.batch_norm_partial_stats(np.array([[1.0, 1.0], [3.0, 3.0]]))
+    count, mean, m2 = numbanorm.batch_norm_partial_stats(np.array([[5.0, 1e9], [7.0, 1e9]]))
+    with pytest.raises(TypeError, match=r"parts\[1\]'s mean is a masked array with masked values"):
+        numbanorm.merge_stats([part, (count, np.ma.masked_array(mean, mask=[False, True]), m2)])
+    unmasked = numbanorm.merge_stats([part, (count, np.ma.masked_array(mean, mask=False), m2)])
+    for got, expected in zip(unmasked, numbanorm.merge_stats([part, (count, mean, m2)])):
+        np.testing.assert_array_equal(got, expected)
 
 
 def test_merge_stats_refuses_one_triple_in_place_of_a_list_of_them():

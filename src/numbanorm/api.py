@@ -47,7 +47,7 @@ def _data(a, name):
     if type(a) is np.ndarray and (a.dtype is _FLOAT32 or a.dtype is _FLOAT64):
         return a  # the common case, checked in a fraction of the time (small arrays feel it)
     _refuse_masked(a, name)
-    a = np.asarray(a)
+    a = _as_array(a, name)
     kind = a.dtype.kind
     # A copy is Fortran-ordered only when ``a`` is (order "A"), as the kernels' own copies are.
     if kind == "f" and a.dtype.itemsize <= 8:
@@ -61,7 +61,7 @@ def _data(a, name):
 
 def _refuse_masked(a, name, written=False):
     """Refuse a masked array with masked values: ``np.asarray`` keeps the values under the
-    mask. Read, they would enter the statistics; ``written`` (``out``, a running statistic),
+    mask. Read, they would enter the computation; ``written`` (``out``, a running statistic),
     the mask would hide what the call writes under it."""
     if type(a) is not np.ndarray and np.ma.is_masked(a):
         if written:
@@ -70,9 +70,17 @@ def _refuse_masked(a, name, written=False):
                 f"under them: pass {name}.data, or unmask it first ({name}.mask = False)"
             )
         raise TypeError(
-            f"{name} is a masked array with masked values, which the statistics would include: "
+            f"{name} is a masked array with masked values, which would be used as they are: "
             f"pass {name}.filled(value), or the unmasked values"
         )
+
+
+def _as_array(a, name):
+    """``np.asarray(a)``, its failure named: a ragged nested list, say."""
+    try:
+        return np.asarray(a)
+    except ValueError as error:
+        raise ValueError(f"{name} does not convert to an array: {error}") from None
 
 
 def _feature_axis(axis, x):
@@ -93,7 +101,10 @@ def _number(value, name, low, high):
     if type(value) is not float:
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} must be a real number, got {value!r}")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an int beyond float's range, such as 10**400
+            raise ValueError(f"{name} must be in [{low}, {high}], got an integer too large for a float") from None
     if not low <= value <= high:
         raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
     return value
@@ -120,7 +131,7 @@ def _per_feature(v, name, features, float32=False):
         if v.dtype is _FLOAT32:
             return v.astype(np.float64)  # a new C-contiguous, aligned array
     _refuse_masked(v, name)
-    v = np.asarray(v)
+    v = _as_array(v, name)
     if v.dtype.kind not in "biuf":
         raise TypeError(f"{name} must hold real numbers, got dtype {v.dtype}")
     if v.shape != (features,):
@@ -444,12 +455,14 @@ def merge_stats(parts):
     Raises
     ------
     TypeError
-        ``parts`` is not an iterable of triples (a single triple included), or
-        a triple holds something other than real numbers.
+        ``parts`` is not an iterable of triples (a single triple included); a
+        triple holds something other than real numbers, or a masked array
+        with masked values.
     ValueError
         ``parts`` is empty; a triple has other than three items, or arrays
         that are not 1-D or disagree in shape with each other or with the
-        first triple's; a count is negative or NaN.
+        first triple's; a count is negative, infinite or NaN; an ``m2`` is
+        negative.
 
     Examples
     --------
@@ -496,7 +509,8 @@ def _stats_triple(part, name):
         raise ValueError(f"{name} must be a (count, mean, m2) triple, got {len(part)} items")
     arrays = []
     for member, array in zip(("count", "mean", "m2"), part):
-        array = np.asarray(array)
+        _refuse_masked(array, f"{name}'s {member}")
+        array = _as_array(array, f"{name}'s {member}")
         if array.dtype.kind not in "biuf":  # as ``_per_feature``
             raise TypeError(f"{name}'s {member} must hold real numbers, got dtype {array.dtype}")
         arrays.append(array.astype(np.float64, copy=False))
@@ -505,8 +519,11 @@ def _stats_triple(part, name):
         raise ValueError(f"{name}'s count, mean and m2 must be 1-D arrays (one value per feature), got {count.ndim}-D")
     if not count.shape == mean.shape == m2.shape:
         raise ValueError(f"{name}'s count, mean and m2 must have one shape, got {count.shape}, {mean.shape} and {m2.shape}")
-    if not (count >= 0).all():
-        raise ValueError(f"{name}'s count must be >= 0 (and not NaN), got {count[~(count >= 0)][0]}")
+    bad = ~((count >= 0) & (count < np.inf))
+    if bad.any():
+        raise ValueError(f"{name}'s count must be finite and >= 0, got {count[bad][0]}")
+    if (m2 < 0).any():  # a NaN passes: it stays in its feature
+        raise ValueError(f"{name}'s m2 (a sum of squared deviations) must be >= 0, got {m2[m2 < 0][0]}")
     return count, mean, m2
 
 

@@ -17,8 +17,12 @@ import math
 import numbers
 from functools import partial
 
-import dask.array as da
 import numpy as np
+
+try:
+    import dask.array as da
+except ModuleNotFoundError as error:
+    raise ModuleNotFoundError(f"numbanorm.dask needs dask ({error}): pip install 'numbanorm[dask]'", name=error.name) from error
 
 from . import api
 from .api import _feature_axis, _flag, _number
@@ -44,7 +48,7 @@ def _array(a, name):
     """
     if not isinstance(a, da.Array):
         api._refuse_masked(a, name)
-        a = da.from_array(np.asarray(a), chunks=-1)
+        a = da.from_array(api._as_array(a, name), chunks=-1)
     if a.dtype.kind not in "biuf" or a.dtype.itemsize > 8:
         raise TypeError(
             f"{name} must hold real numbers (float16, float32, float64, integer or bool), got dtype {a.dtype}"
