@@ -2,6 +2,7 @@
 
 import ast
 import inspect
+import json
 import multiprocessing
 import os
 import subprocess
@@ -192,6 +193,33 @@ def test_the_old_threshold_switch_is_not_ignored_in_silence():
     )
     assert result.returncode == 0
     assert "NUMBANORM_PARALLEL_MIN_SIZE" in result.stderr and "NUMBANORM_PARALLEL_MIN_BYTES" in result.stderr
+    assert result.stderr.startswith("<string>:1: FutureWarning"), result.stderr  # the caller's import line
+
+
+def test_the_kernels_run_under_numba_disable_jit_and_the_callers_functions_stay_python():
+    # NUMBA_DISABLE_JIT=1 debugs one's own functions in Python; numbanorm's kernels compile anyway.
+    # Two threads, so that the (N, C) kernels run their parallel slabs as well.
+    code = """
+        import json, numba, numpy as np, numbanorm
+        numba.set_num_threads(2)
+        rng = np.random.default_rng(3)
+        results = []
+        for shape in ((64, 5), (256, 2048), (8, 3, 4, 5)):
+            x = rng.normal(1e3, 2.0, size=shape).astype(np.float32)
+            y, mean, invstd = numbanorm.batch_norm_forward(x)
+            dx, dgamma, _ = numbanorm.batch_norm_backward(y * y, x, mean, invstd)
+            results.append([y.tolist(), dx.tolist(), dgamma.tolist()])
+
+        @numba.njit
+        def mine(a):
+            return a
+
+        print(json.dumps({"results": results, "mine": type(mine).__name__}))
+    """
+    jitted = json.loads(run_python(code, NUMBA_DISABLE_JIT="0"))
+    disabled = json.loads(run_python(code, NUMBA_DISABLE_JIT="1"))
+    assert disabled["results"] == jitted["results"]
+    assert (disabled["mine"], jitted["mine"]) == ("function", "CPUDispatcher")
 
 
 def test_fastmath_off_compiles_without_fast_math_flags_and_off_the_disk_cache():
@@ -490,3 +518,11 @@ def test_forward_then_backward_allocates_no_full_size_temporaries():
     )
     growth = float(out)
     assert growth <= 1.25, f"peak memory grew by {growth:.2f}x the array"
+
+
+@pytest.mark.parametrize("module, missing, extra", [("numbanorm.dask", "dask.array", "dask"), ("numbanorm.mpi", "mpi4py", "mpi")])
+def test_an_extras_module_without_its_dependency_says_which_extra_to_install(module, missing, extra):
+    code = f"import sys; sys.modules[{missing!r}] = None; import {module}"  # as if it were not installed
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "ModuleNotFoundError" in result.stderr and f"pip install 'numbanorm[{extra}]'" in result.stderr, result.stderr

@@ -59,7 +59,7 @@ def _env_flag(name, default):
         return True
     if value in ("0", "false", "no", "off"):
         return False
-    raise ValueError(f"environment variable {name} must be 0 or 1, got {value!r}")
+    raise ValueError(f"environment variable {name} must be 0 or 1 (or false/true, no/yes, off/on), got {value!r}")
 
 
 CACHE = _env_flag("NUMBANORM_CACHE", "1")
@@ -82,17 +82,6 @@ def _count(name, default):
 
 PARALLEL_MIN_BYTES = _count("NUMBANORM_PARALLEL_MIN_BYTES", "1048576")
 STREAM_MIN_BYTES = _count("NUMBANORM_STREAM_MIN_BYTES", "33554432")
-if "NUMBANORM_PARALLEL_MIN_SIZE" in os.environ:
-    # The threshold was a count of values before 0.1.0 settled on bytes; a count means
-    # nothing without the dtype, so the old setting is not translated, but it is not
-    # ignored in silence either.
-    warnings.warn(
-        "NUMBANORM_PARALLEL_MIN_SIZE is no longer read: set NUMBANORM_PARALLEL_MIN_BYTES (a size in bytes, "
-        f"now {PARALLEL_MIN_BYTES}) instead",
-        FutureWarning,
-        stacklevel=2,
-    )
-
 
 # Whether this process has warned that its kernels are not cached: once is enough.
 _CACHE_WARNED = False
@@ -267,6 +256,18 @@ def _outside_package_stacklevel():
         if frame is not None and not _importlib_frame(frame):
             level += 1
     return level
+
+
+if "NUMBANORM_PARALLEL_MIN_SIZE" in os.environ:
+    # The threshold was a count of values before 0.1.0 settled on bytes; a count means
+    # nothing without the dtype, so the old setting is not translated, but it is not
+    # ignored in silence either.
+    warnings.warn(
+        "NUMBANORM_PARALLEL_MIN_SIZE is no longer read: set NUMBANORM_PARALLEL_MIN_BYTES (a size in bytes, "
+        f"now {PARALLEL_MIN_BYTES}) instead",
+        FutureWarning,
+        stacklevel=_outside_package_stacklevel(),  # the user's import line
+    )
 
 
 def check_threading_layer():

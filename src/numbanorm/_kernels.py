@@ -29,10 +29,13 @@ outputs start where the output and the input do within a cache line
 (``new_params``, ``new_like``), so that their loads are aligned too.
 """
 
+import contextlib
+
 import numpy as np
 from numba import njit, prange
+from numba.core import config as numba_config
+from numba.core.compiler_lock import global_compiler_lock
 from numba.core.cpu import ParallelOptions
-from numba.core.dispatcher import Dispatcher
 
 from ._config import CACHE, FASTMATH, cache_on_disk
 from ._vectors import (
@@ -132,16 +135,52 @@ def _jit(**options):
 
     The cache is ``_config.cache_on_disk``'s, not ``cache=True``'s: a cache that
     cannot be written is then a warning, not an error from the call that compiled.
+    The kernels compile under ``NUMBA_DISABLE_JIT=1`` as well (``_jit_enabled``).
     """
     compile = njit(fastmath=FASTMATH, nogil=True, error_model="numpy", **options)
 
     def decorate(func):
-        dispatcher = compile(func)
-        if CACHE and isinstance(dispatcher, Dispatcher):  # not a plain function (NUMBA_DISABLE_JIT)
+        with _jit_enabled():
+            dispatcher = compile(func)
+        if numba_config.DISABLE_JIT:
+            _compile_with_jit(dispatcher)
+        if CACHE:
             cache_on_disk(dispatcher)
         return dispatcher
 
     return decorate
+
+
+@contextlib.contextmanager
+def _jit_enabled():
+    """Numba's JIT on for the block, whatever ``NUMBA_DISABLE_JIT`` says.
+
+    As Numba's own ufuncs, numbanorm's kernels compile under ``NUMBA_DISABLE_JIT=1``:
+    that switch is for debugging one's own functions in Python, and the kernels'
+    explicit vectors (``_vectors``) have no Python to fall back to. Numba reads the
+    switch where a decorator wraps a function, numbanorm's and those of the NumPy
+    functions it compiles in. Under the compiler's lock, which is reentrant and
+    which every compilation takes, so that no other thread's compilation sees
+    the switch change.
+    """
+    with global_compiler_lock:
+        disabled = numba_config.DISABLE_JIT
+        numba_config.DISABLE_JIT = 0
+        try:
+            yield
+        finally:
+            numba_config.DISABLE_JIT = disabled
+
+
+def _compile_with_jit(dispatcher):
+    """Make ``dispatcher`` compile within ``_jit_enabled`` (under ``NUMBA_DISABLE_JIT=1`` only)."""
+    compile = dispatcher.compile
+
+    def compile_with_jit(signature):
+        with _jit_enabled():
+            return compile(signature)
+
+    dispatcher.compile = compile_with_jit
 
 
 jit = _jit()
