@@ -161,6 +161,7 @@ def test_a_value_out_of_the_layers_range_raises_instead_of_becoming_inf(dtype):
         ("num_batches_tracked", "3", TypeError),
         ("num_batches_tracked", np.array(-1), ValueError),  # momentum=None would divide by 0
         ("num_batches_tracked", np.uint64(2**63), ValueError),  # state_dict() could not save it as int64
+        ("bias", [[1.0], [2.0, 3.0], [4.0], [5.0], [6.0]], ValueError),  # ragged: NumPy's message names nothing
     ],
 )
 def test_a_state_that_raises_loads_nothing(key, value, exception):
@@ -174,6 +175,23 @@ def test_a_state_that_raises_loads_nothing(key, value, exception):
         layer.load_state_dict(state)
     for name, array in layer.state_dict().items():
         np.testing.assert_array_equal(array, before[name], err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "dtype, dy_dtype",
+    [(np.float32, np.float64), (np.float16, np.float32), (np.float16, np.float64), (np.float64, np.float32), (np.float32, np.int64)],
+)
+def test_dx_takes_the_forward_inputs_dtype_whatever_dys(dtype, dy_dtype):
+    # As PyTorch's: the functional API promotes (float32 x, float64 dy -> float64 dx); the layer
+    # rounds that dx to its input's dtype, the same values as the promoted backward's rounded.
+    layer = numbanorm.BatchNorm(5, dtype=dtype)
+    x = batch(3, dtype=dtype)
+    y = layer.forward(x)
+    dy = (np.random.default_rng(4).normal(size=y.shape) * 8).astype(dy_dtype)
+    dx = layer.backward(dy)
+    assert dx.dtype == dtype
+    promoted, _, _ = numbanorm.batch_norm_backward(dy, x, *layer._last_forward()[1:3], layer.gamma)
+    np.testing.assert_array_equal(dx, promoted.astype(dtype))
 
 
 def test_a_forward_that_raises_leaves_no_batch_for_the_backward():

@@ -3,6 +3,7 @@
 import io
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -307,11 +308,19 @@ def test_load_state_dict_rejects_a_mismatch_and_changes_nothing():
     for name, value in model.state_dict().items():
         np.testing.assert_array_equal(value, state[name])
     # Values of the right shape that fail in a later layer: the earlier layers are not left loaded.
-    for bad in ({"1.num_batches_tracked": np.float64(3.5)}, {"3.bias": np.array(["a", "b", "c"])}):
-        with pytest.raises((TypeError, ValueError)):
-            model.load_state_dict({**changed, "3.weight": np.zeros((3, 5)), **bad})
-        for name, value in model.state_dict().items():
-            np.testing.assert_array_equal(value, state[name], err_msg=f"{name} after {bad}")
+    # Each message names the model's key; a Linear's values are checked as a BatchNorm's are.
+    bad_values = [
+        ("1.num_batches_tracked", np.float64(3.5), TypeError),
+        ("3.bias", np.array(["a", "b", "c"]), TypeError),
+        ("3.bias", np.full(3, 1.5 + 2j), TypeError),
+        ("3.weight", np.full((3, 5), 1e39), ValueError),  # beyond float32: it would load as inf
+        ("1.running_var", np.full(5, 1e39), ValueError),
+    ]
+    for key, value, error in bad_values:
+        with pytest.raises(error, match=rf"state\['{key}'\]"):
+            model.load_state_dict({**changed, "3.weight": np.zeros((3, 5)), key: value})
+        for name, old in model.state_dict().items():
+            np.testing.assert_array_equal(old, state[name], err_msg=f"{name} after {key}")
 
 
 @pytest.mark.parametrize(
@@ -326,6 +335,9 @@ def test_load_state_dict_rejects_a_mismatch_and_changes_nothing():
         (dict(dropout=-0.1), ValueError, "dropout must be in"),
         (dict(dtype=np.int32), TypeError, "dtype must be float32 or float64"),
         (dict(batch_norm="False"), TypeError, "batch_norm must be a bool"),
+        (dict(dtype=np.float16), TypeError, "dtype must be float32 or float64"),
+        # Refused with or without batch normalization (whose layer would name other dtypes).
+        (dict(dtype=np.longdouble, batch_norm=False), TypeError, "dtype must be float32 or float64"),
     ],
 )
 def test_bad_model_arguments_are_named(kwargs, error, match):
@@ -356,6 +368,10 @@ def test_bad_training_inputs_are_named():
         train(model, x[:1], labels[:1], epochs=1, batch_size=4, lr=0.1)
     with pytest.raises(ValueError, match="X_test and y_test"):
         train(model, x, labels, epochs=1, batch_size=4, lr=0.1, X_test=x)
+    with pytest.raises(TypeError, match="seed must be an integer"):
+        train(model, x, labels, epochs=1, batch_size=4, lr=0.1, seed=1.5)
+    with pytest.raises(ValueError, match="seed must be at least 0"):
+        train(model, x, labels, epochs=1, batch_size=4, lr=0.1, seed=-5)
     bad = x.copy()
     bad[3, 2] = np.nan
     with pytest.raises(ValueError, match="X must be finite, got 1 NaN"):
@@ -567,6 +583,35 @@ def test_cli_rejects_bad_flags(argv, message, capsys, monkeypatch):
     assert re.search(message, capsys.readouterr().err)
 
 
+def test_a_plot_format_that_needs_more_than_matplotlib_is_refused_before_training():
+    # .pgf is in matplotlib's list, but writing text in it runs LaTeX (xelatex by default).
+    import matplotlib
+
+    problem = mlp._unwritable("run.pgf", plot=True)
+    if shutil.which(matplotlib.rcParams["pgf.texsystem"]):
+        assert problem is None
+    else:
+        assert problem.startswith("matplotlib cannot write .pgf files here:"), problem
+    assert mlp._unwritable("run.svg", plot=True) is None
+
+
+def test_the_kernels_of_every_kind_of_batch_norm_layer_load_before_training():
+    # numbanorm.mpi's SyncBatchNorm runs kernels of its own: a layer of each kind runs
+    # once ahead of the timed loop, with the model's dtype.
+    ran = []
+
+    class Recording(BatchNorm):
+        def forward(self, x, training=None):
+            ran.append((type(self).__name__, self.num_features, x.dtype, self.training if training is None else training))
+            return super().forward(x, training)
+
+    model = MLP([4, 5, 5, 3], dtype=np.float64)
+    second = [i for i, layer in enumerate(model.layers) if isinstance(layer, BatchNorm)][1]
+    model.layers[second] = Recording(5, dtype=np.float64)
+    mlp._load_kernels(model)
+    assert ran == [("Recording", 1, np.float64, True), ("Recording", 1, np.float64, False)]
+
+
 def test_cli_trains_on_single_samples_without_batch_norm(monkeypatch):
     seen = {}
 
@@ -588,14 +633,14 @@ def test_cli_says_when_training_diverges_without_numpy_s_warnings(recwarn, capsy
 
 def test_the_first_run_says_what_it_waits_for_and_later_runs_do_not(monkeypatch, capsys):
     # The first run compiles the kernels for tens of seconds before the progress bar shows.
-    monkeypatch.setattr(mlp, "_load_kernels", lambda dtype: time.sleep(0.5))
-    mlp._load_kernels_telling(np.float32, after=0.05)
+    monkeypatch.setattr(mlp, "_load_kernels", lambda model: time.sleep(0.5))
+    mlp._load_kernels_telling(mlp.MLP([2, 3]), after=0.05)
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 2 and lines[0].startswith("numbanorm: compiling the kernels, once")
     ready = re.fullmatch(r"numbanorm: kernels ready in (\d+\.\d) s", lines[1])
     assert ready and float(ready[1]) >= 0.5, lines
-    monkeypatch.setattr(mlp, "_load_kernels", lambda dtype: None)  # from the cache
-    mlp._load_kernels_telling(np.float32, after=0.5)
+    monkeypatch.setattr(mlp, "_load_kernels", lambda model: None)  # from the cache
+    mlp._load_kernels_telling(mlp.MLP([2, 3]), after=0.5)
     time.sleep(0.6)
     assert capsys.readouterr().err == ""
 

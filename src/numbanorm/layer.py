@@ -4,7 +4,7 @@ import numbers
 
 import numpy as np
 
-from .api import _compute_dtype, _data, _flag, _number, batch_norm_backward, batch_norm_forward
+from .api import _as_array, _compute_dtype, _data, _flag, _number, batch_norm_backward, batch_norm_forward
 
 __all__ = ["BatchNorm"]
 
@@ -208,7 +208,9 @@ class BatchNorm:
         Returns
         -------
         dx : ndarray
-            Gradient with respect to the last forward's input, in its dtype.
+            Gradient with respect to the last forward's input, in its dtype
+            (float64 for an integer input), whatever ``dy``'s dtype: the
+            functional API's promotion is computed, then rounded to it.
 
         Raises
         ------
@@ -236,7 +238,20 @@ class BatchNorm:
         # In the parameters' dtype, but float32 for float16, whose range a sum over a batch overflows.
         self.dgamma = dgamma.astype(_compute_dtype(self.dtype), copy=False)
         self.dbeta = dbeta.astype(_compute_dtype(self.dtype), copy=False)
-        return dx
+        # The functional backward promotes: a float64 dy would give a float32 input a float64 dx.
+        return dx if dx.dtype == x.dtype else dx.astype(x.dtype)
+
+    def _scratch(self, **options):
+        """A new one-feature layer of this kind and with these options (``mlp`` runs its kernels once before training)."""
+        return type(self)(
+            1,
+            eps=self.eps,
+            momentum=self.momentum,
+            affine=self.affine,
+            track_running_stats=self.track_running_stats,
+            dtype=self.dtype,
+            **options,
+        )
 
     def _mode(self, training):
         """The mode of one forward: ``training`` (a bool), or the layer's when it is ``None``."""
@@ -331,38 +346,54 @@ class BatchNorm:
         >>> fresh.running_mean, fresh.num_batches_tracked
         (array([0.2, 2. ], dtype=float32), 1)
         """
+        self._load_state(state)
+
+    def _load_state(self, state, prefix=""):
+        """:meth:`load_state_dict`, its messages naming each key as ``prefix + key`` (an ``MLP``'s ``"1."``)."""
         expected = set(self.state_dict())
         missing = expected - set(state)
         unexpected = set(state) - expected
         if missing or unexpected:
-            raise KeyError(f"state must have keys {sorted(expected)}; missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+            missing, unexpected = ([prefix + key for key in sorted(keys)] for keys in (missing, unexpected))
+            raise KeyError(
+                f"state must have keys {[prefix + key for key in sorted(expected)]}; missing {missing}, unexpected {unexpected}"
+            )
         arrays = {}
         for name in sorted(expected - {"num_batches_tracked"}):
-            value = np.asarray(state[name])
-            if value.shape != (self.num_features,):
-                raise ValueError(f"state[{name!r}] must have shape ({self.num_features},), got {value.shape}")
-            if value.dtype.kind not in "biuf":
-                raise TypeError(f"state[{name!r}] must hold real numbers, got dtype {value.dtype}")
-            with np.errstate(over="ignore"):  # told below, as an error
-                converted = value.astype(self.dtype)
-            overflow = np.isinf(converted) & np.isfinite(value)
-            if overflow.any():
-                raise ValueError(
-                    f"state[{name!r}] has values outside the range of the layer's dtype, {self.dtype.name}: "
-                    f"{value[overflow][:3].tolist()}"
-                )
-            arrays[name] = converted
+            arrays[name] = state_value(state[name], prefix + name, (self.num_features,), self.dtype)
         if "num_batches_tracked" in state:
+            key = prefix + "num_batches_tracked"
             batches = np.asarray(state["num_batches_tracked"])
             if batches.shape != () or batches.dtype.kind not in "iu":
-                raise TypeError(f"state['num_batches_tracked'] must be an integer, got {state['num_batches_tracked']!r}")
+                raise TypeError(f"state[{key!r}] must be an integer, got {state['num_batches_tracked']!r}")
             batches = int(batches)
             if not 0 <= batches <= np.iinfo(np.int64).max:  # state_dict() saves it as int64, as PyTorch does
-                raise ValueError(f"state['num_batches_tracked'] must be in [0, 2**63 - 1], got {batches}")
+                raise ValueError(f"state[{key!r}] must be in [0, 2**63 - 1], got {batches}")
         for name, value in arrays.items():
             getattr(self, _ATTRIBUTE[name])[...] = value
         if "num_batches_tracked" in state:
             self.num_batches_tracked = batches
+
+
+def state_value(value, key, shape, dtype):
+    """``state[key]`` checked and converted for loading: an array of ``shape`` in ``dtype``.
+
+    A finite value that ``dtype`` cannot hold raises ``ValueError`` rather than
+    becoming infinite; the messages name ``key``.
+    """
+    value = _as_array(value, f"state[{key!r}]")
+    if value.shape != shape:
+        raise ValueError(f"state[{key!r}] must have shape {shape}, got {value.shape}")
+    if value.dtype.kind not in "biuf":
+        raise TypeError(f"state[{key!r}] must hold real numbers, got dtype {value.dtype}")
+    with np.errstate(over="ignore"):  # told below, as an error
+        converted = value.astype(dtype)
+    overflow = np.isinf(converted) & np.isfinite(value)
+    if overflow.any():
+        raise ValueError(
+            f"state[{key!r}] has values outside the range of {np.dtype(dtype).name}: {value[overflow][:3].tolist()}"
+        )
+    return converted
 
 
 _ATTRIBUTE = {"weight": "gamma", "bias": "beta", "running_mean": "running_mean", "running_var": "running_var"}

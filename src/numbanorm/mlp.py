@@ -11,12 +11,13 @@ Parameter names and shapes are those of the equivalent ``torch.nn.Sequential``
 (``"0.weight"`` of shape ``(out, in)``, ``"1.running_mean"``, ...), so trained
 weights move between numbanorm and PyTorch in both directions.
 
-The command line needs the ``mlp`` extra (scikit-learn, tqdm, matplotlib),
+The command line needs the ``mlp`` extra (scikit-learn, tqdm, matplotlib, threadpoolctl),
 imported only where used.
 """
 
 import argparse
 import contextlib
+import io
 import json
 import math
 import numbers
@@ -29,7 +30,7 @@ import numba
 import numpy as np
 
 from .api import _number
-from .layer import BatchNorm
+from .layer import BatchNorm, state_value
 
 __all__ = [
     "Linear",
@@ -367,7 +368,7 @@ class MLP:
             raise ValueError(f"bn_position must be 'before' or 'after', got {bn_position!r}")
         dropout = _fraction(dropout, "dropout")
         dtype = np.dtype(dtype)
-        if dtype.kind != "f" or dtype.itemsize < 4:
+        if dtype not in (np.float32, np.float64):  # float16 and longdouble too: NumPy has no BLAS for them
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
         if not isinstance(batch_norm, (bool, np.bool_)):  # "False" would otherwise mean True
             raise TypeError(f"batch_norm must be a bool, got {batch_norm!r}")
@@ -426,6 +427,10 @@ class MLP:
     def loss_and_grads(self, x, labels):
         """Mean softmax cross-entropy of one training-mode forward, and the gradients.
 
+        The parameters are not updated, but the forward is a training one: each
+        BatchNorm layer's running statistics take in the batch (and Dropout
+        draws its masks), as in one step of :func:`train`.
+
         Returns
         -------
         loss : float
@@ -466,9 +471,11 @@ class MLP:
         KeyError
             Keys missing or unexpected.
         ValueError, TypeError
-            A value of the wrong shape, or one that does not convert (a string,
-            a fractional ``num_batches_tracked``). Nothing is changed unless every
-            value fits: a state that raises leaves the model as it was.
+            A value of the wrong shape; one that does not convert (a string, a
+            complex number, a fractional ``num_batches_tracked``); a finite value
+            out of the range of the model's dtype. The message names the key.
+            Nothing is changed unless every value fits: a state that raises
+            leaves the model as it was.
         """
         expected = self.state_dict()
         missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
@@ -476,10 +483,11 @@ class MLP:
             raise KeyError(
                 f"state must have the keys of state_dict(); missing {sorted(missing)}, unexpected {sorted(unexpected)}"
             )
-        arrays = {name: np.asarray(state[name]) for name in expected}
-        for name, value in arrays.items():
-            if value.shape != expected[name].shape:
-                raise ValueError(f"state[{name!r}] must have shape {expected[name].shape}, got {value.shape}")
+        # Every array converted and checked here, as BatchNorm checks its own: a Linear's too.
+        arrays = {
+            name: state[name] if name.endswith(".num_batches_tracked") else state_value(state[name], name, old.shape, old.dtype)
+            for name, old in expected.items()
+        }
         try:
             self._load_layers(arrays)
         except Exception:
@@ -489,7 +497,11 @@ class MLP:
     def _load_layers(self, arrays):
         for i, layer in enumerate(self.layers):
             prefix = f"{i}."
-            layer.load_state_dict({name[len(prefix) :]: v for name, v in arrays.items() if name.startswith(prefix)})
+            state = {name[len(prefix) :]: v for name, v in arrays.items() if name.startswith(prefix)}
+            if isinstance(layer, BatchNorm):
+                layer._load_state(state, prefix)  # its messages name the MLP's keys
+            else:
+                layer.load_state_dict(state)
 
     def save(self, path):
         """Write the configuration and :meth:`state_dict` to ``path`` as .npz (the name is used as given)."""
@@ -537,8 +549,8 @@ def train(model, X, y, *, epochs, batch_size, lr, optimizer="sgd", momentum=0.0,
         SGD's momentum.
     X_test, y_test : array_like, optional
         When given, the test accuracy is measured after every epoch.
-    seed : int, default 0
-        Seeds the shuffling.
+    seed : int or None, default 0
+        Seeds the shuffling (None: fresh entropy from the system).
     progress : bool or str, default False
         Show a tqdm progress bar (only on a terminal); a string labels it.
 
@@ -584,10 +596,10 @@ def train(model, X, y, *, epochs, batch_size, lr, optimizer="sgd", momentum=0.0,
         y_test = model._labels(y_test, len(X_test))
         _finite(X_test, "X_test")
     opt = _make_optimizer(optimizer, model.parameters(), lr, momentum)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(None if seed is None else _integer(seed, "seed", 0))
     history = {"train_loss": [], "epoch_test_accuracy": [], "epoch_seconds": []}
     if has_batch_norm:
-        _load_kernels(model.dtype)
+        _load_kernels(model)
     bar = _progress_bar(epochs, progress if isinstance(progress, str) else None) if progress else None
     start = time.perf_counter()
     for _ in range(epochs):
@@ -613,16 +625,20 @@ def train(model, X, y, *, epochs, batch_size, lr, optimizer="sgd", momentum=0.0,
     return history
 
 
-def _load_kernels(dtype):
-    """Run the BatchNorm kernels once on a scratch layer: compiling them, or reading them
-    from Numba's on-disk cache, happens once per process and is not training time."""
-    scratch = BatchNorm(1, dtype=dtype)
-    x = np.zeros((2, 1), dtype)
-    scratch.backward(scratch.forward(x))
-    scratch.forward(x, training=False)
+def _load_kernels(model):
+    """Run the kernels of ``model``'s BatchNorm layers once on scratch layers of their kinds:
+    compiling them, or reading them from Numba's on-disk cache, happens once per process
+    and is not training time. A synchronized layer (``numbanorm.mpi``) runs kernels of
+    its own; its scratch layer runs them on its rank alone."""
+    kinds = {type(layer): layer for layer in model.layers if isinstance(layer, BatchNorm)}
+    for layer in kinds.values():
+        scratch = layer._scratch()
+        x = np.zeros((2, 1), model.dtype)
+        scratch.backward(scratch.forward(x))
+        scratch.forward(x, training=False)
 
 
-def _load_kernels_telling(dtype, after=1.0):
+def _load_kernels_telling(model, after=1.0):
     """``_load_kernels``, saying on stderr what the wait is when it takes longer than ``after`` seconds.
 
     A first run compiles the kernels (tens of seconds); later ones read them from
@@ -640,7 +656,7 @@ def _load_kernels_telling(dtype, after=1.0):
     timer.daemon = True
     timer.start()
     try:
-        _load_kernels(dtype)
+        _load_kernels(model)
     finally:
         timer.cancel()
     if told.is_set():
@@ -865,6 +881,13 @@ def _unwritable(path, plot=False):
         suffix = _suffix(path)
         if suffix and suffix not in formats:
             return f"matplotlib cannot write .{suffix} files; use one of {', '.join(sorted(formats))}"
+        # A format may need more than matplotlib (.pgf: a LaTeX install): draw some text in it.
+        trial = Figure(figsize=(1, 1))
+        trial.text(0.5, 0.5, "accuracy")
+        try:
+            trial.savefig(io.BytesIO(), format=suffix or "png")
+        except Exception as error:  # whatever the backend raises: RuntimeError for a missing xelatex
+            return f"matplotlib cannot write .{suffix} files here: {error}"
     return None
 
 
@@ -909,7 +932,7 @@ def _run(args, lr):
         model = network(sizes, activation=args.activation, batch_norm=batch_norm, seed=args.seed,
                     bn_position=args.bn_position, dropout=args.dropout)
         if batch_norm and not args.quiet:
-            _load_kernels_telling(model.dtype)
+            _load_kernels_telling(model)
         # A diverging run overflows: the line below says so, in place of NumPy's warnings.
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             history = train(model, X_train, y_train, epochs=args.epochs, batch_size=args.batch_size, lr=lr,

@@ -38,7 +38,13 @@ import functools
 import math
 
 import numpy as np
-from mpi4py import MPI
+
+try:
+    from mpi4py import MPI
+except ModuleNotFoundError as error:
+    raise ModuleNotFoundError(
+        f"numbanorm.mpi needs mpi4py and an MPI library ({error}): pip install 'numbanorm[mpi]'", name=error.name
+    ) from error
 
 from . import api
 from .api import _number
@@ -393,6 +399,10 @@ class SyncBatchNorm(BatchNorm):
     def __init__(self, num_features, *, comm=None, **kwargs):
         super().__init__(num_features, **kwargs)
         self.comm = _communicator(comm)
+
+    def _scratch(self, **options):
+        # On this rank alone: the same kernels, and no collective that the other ranks must join.
+        return super()._scratch(comm=MPI.COMM_SELF, **options)
 
     @classmethod
     def from_batch_norm(cls, layer, comm=None):
