@@ -238,11 +238,13 @@ def test_training_mode_normalizes_with_batch_statistics():
     assert np.all(model.layers[2].forward(model.layers[1].forward(model.layers[0].forward(x), training=False)) == 0)
 
 
-def test_batches_cover_the_data_and_drop_a_final_single_sample():
+def test_batches_cover_the_data_and_drop_a_final_single_sample_for_batch_norm():
     rng = np.random.default_rng(0)
-    seven = list(batches(7, 3, rng))
+    seven = list(batches(7, 3, rng, smallest=2))
     assert [len(b) for b in seven] == [3, 3]
     assert len(set(np.concatenate(seven))) == 6
+    assert [len(b) for b in batches(7, 3, rng)] == [3, 3, 1]  # without batch norm, a single sample trains
+    assert [len(b) for b in batches(7, 1, rng, smallest=2)] == [1] * 7  # as batch_size=1 asks
     eight = list(batches(8, 3, rng))
     assert [len(b) for b in eight] == [3, 3, 2]
     np.testing.assert_array_equal(np.sort(np.concatenate(eight)), np.arange(8))

@@ -520,15 +520,16 @@ class MLP:
 # --- training --------------------------------------------------------------------------
 
 
-def batches(n, batch_size, rng):
+def batches(n, batch_size, rng, smallest=1):
     """Shuffled index arrays covering ``range(n)``, ``batch_size`` at a time.
 
-    A final batch of a single sample is dropped: batch normalization cannot train on it.
+    A final batch of fewer than ``smallest`` samples is dropped: batch
+    normalization (``smallest=2``) cannot train on a single sample.
     """
     order = rng.permutation(n)
     for start in range(0, n, batch_size):
         batch = order[start : start + batch_size]
-        if len(batch) > 1 or batch_size == 1:
+        if len(batch) >= min(smallest, batch_size):
             yield batch
 
 
@@ -604,7 +605,7 @@ def train(model, X, y, *, epochs, batch_size, lr, optimizer="sgd", momentum=0.0,
     start = time.perf_counter()
     for _ in range(epochs):
         total, count = 0.0, 0
-        for batch in batches(len(X), batch_size, rng):
+        for batch in batches(len(X), batch_size, rng, smallest):
             loss, grads = model.loss_and_grads(X[batch], y[batch])
             opt.step(grads)
             total, count = total + loss * len(batch), count + len(batch)
