@@ -161,7 +161,8 @@ def _jit_enabled():
     switch where a decorator wraps a function, numbanorm's and those of the NumPy
     functions it compiles in. Under the compiler's lock, which is reentrant and
     which every compilation takes, so that no other thread's compilation sees
-    the switch change.
+    the switch change. (A function that another thread decorates meanwhile,
+    while numbanorm compiles under ``NUMBA_DISABLE_JIT=1``, would be compiled too.)
     """
     with global_compiler_lock:
         disabled = numba_config.DISABLE_JIT

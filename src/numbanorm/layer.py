@@ -360,7 +360,7 @@ class BatchNorm:
             )
         arrays = {}
         for name in sorted(expected - {"num_batches_tracked"}):
-            arrays[name] = state_value(state[name], prefix + name, (self.num_features,), self.dtype)
+            arrays[name] = _state_value(state[name], prefix + name, (self.num_features,), self.dtype)
         if "num_batches_tracked" in state:
             key = prefix + "num_batches_tracked"
             batches = np.asarray(state["num_batches_tracked"])
@@ -375,7 +375,7 @@ class BatchNorm:
             self.num_batches_tracked = batches
 
 
-def state_value(value, key, shape, dtype):
+def _state_value(value, key, shape, dtype):
     """``state[key]`` checked and converted for loading: an array of ``shape`` in ``dtype``.
 
     A finite value that ``dtype`` cannot hold raises ``ValueError`` rather than

@@ -30,7 +30,7 @@ import numba
 import numpy as np
 
 from .api import _number
-from .layer import BatchNorm, state_value
+from .layer import BatchNorm, _state_value
 
 __all__ = [
     "Linear",
@@ -485,7 +485,7 @@ class MLP:
             )
         # Every array converted and checked here, as BatchNorm checks its own: a Linear's too.
         arrays = {
-            name: state[name] if name.endswith(".num_batches_tracked") else state_value(state[name], name, old.shape, old.dtype)
+            name: state[name] if name.endswith(".num_batches_tracked") else _state_value(state[name], name, old.shape, old.dtype)
             for name, old in expected.items()
         }
         try:
@@ -523,8 +523,9 @@ class MLP:
 def batches(n, batch_size, rng, smallest=1):
     """Shuffled index arrays covering ``range(n)``, ``batch_size`` at a time.
 
-    A final batch of fewer than ``smallest`` samples is dropped: batch
-    normalization (``smallest=2``) cannot train on a single sample.
+    A final batch of fewer than ``smallest`` samples (but not fewer than
+    ``batch_size``) is dropped: batch normalization (``smallest=2``) cannot
+    train on a single sample.
     """
     order = rng.permutation(n)
     for start in range(0, n, batch_size):
