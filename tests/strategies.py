@@ -34,7 +34,7 @@ def shapes_and_axes(draw, min_dims=2, max_dims=5, min_per_feature=2, max_size=30
         shape = [1] * ndim
         shape[axis] = draw(st.integers(1, 3))
         long = draw(st.sampled_from([i for i in range(ndim) if i != axis % ndim]))
-        shape[long] = draw(st.integers(33000, 140000))
+        shape[long] = draw(st.integers(65537, 140000))  # more than a float32 block, two float64 ones
     while math.prod(shape) // shape[axis] < min_per_feature:
         shape[batch] += 1
     return tuple(shape), axis
