@@ -197,18 +197,26 @@ def test_the_old_threshold_switch_is_not_ignored_in_silence():
 
 
 def test_the_kernels_run_under_numba_disable_jit_and_the_callers_functions_stay_python():
-    # NUMBA_DISABLE_JIT=1 debugs one's own functions in Python; numbanorm's kernels compile anyway.
-    # Two threads, so that the (N, C) kernels run their parallel slabs as well.
+    # NUMBA_DISABLE_JIT=1 debugs one's own functions in Python; numbanorm's kernels compile anyway:
+    # off the disk cache, so that they do compile here, with the switch set from the environment
+    # (and a NUMBA_ variable changed after import, which makes Numba read the environment again
+    # when it compiles) or in numba.config after import.
     code = """
-        import json, numba, numpy as np, numbanorm
-        numba.set_num_threads(2)
+        import json, os, sys, numba, numpy as np
+        import numbanorm
+        if sys.argv[1] == "config":
+            numba.config.DISABLE_JIT = 1  # which Numba's reload would undo, were the environment to change
+        else:
+            os.environ["NUMBA_OPT"] = "3"  # the default, changed from unset
         rng = np.random.default_rng(3)
         results = []
-        for shape in ((64, 5), (256, 2048), (8, 3, 4, 5)):
+        for shape in ((64, 5), (8, 3, 4, 5)):
             x = rng.normal(1e3, 2.0, size=shape).astype(np.float32)
+            # The statistics first: their first compilation needs a compiled NumPy function.
+            var = numbanorm.batch_norm_stats(x)[1]
             y, mean, invstd = numbanorm.batch_norm_forward(x)
             dx, dgamma, _ = numbanorm.batch_norm_backward(y * y, x, mean, invstd)
-            results.append([y.tolist(), dx.tolist(), dgamma.tolist()])
+            results.append([var.tolist(), y.tolist(), dx.tolist(), dgamma.tolist()])
 
         @numba.njit
         def mine(a):
@@ -216,10 +224,20 @@ def test_the_kernels_run_under_numba_disable_jit_and_the_callers_functions_stay_
 
         print(json.dumps({"results": results, "mine": type(mine).__name__}))
     """
-    jitted = json.loads(run_python(code, NUMBA_DISABLE_JIT="0"))
-    disabled = json.loads(run_python(code, NUMBA_DISABLE_JIT="1"))
-    assert disabled["results"] == jitted["results"]
-    assert (disabled["mine"], jitted["mine"]) == ("function", "CPUDispatcher")
+
+    def run(how, **env):
+        result = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code), how], capture_output=True, text=True, timeout=600,
+            env={**os.environ, "NUMBA_DISABLE_JIT": "0", **env},
+        )
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    jitted = run("environment")
+    for how, env in (("environment", {"NUMBA_DISABLE_JIT": "1"}), ("config", {})):
+        disabled = run(how, NUMBANORM_CACHE="0", **env)
+        assert disabled["results"] == jitted["results"], how
+        assert (disabled["mine"], jitted["mine"]) == ("function", "CPUDispatcher"), how
 
 
 def test_fastmath_off_compiles_without_fast_math_flags_and_off_the_disk_cache():

@@ -3,7 +3,6 @@
 import io
 import json
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -352,6 +351,10 @@ def test_bad_training_inputs_are_named():
     x, labels = data(10, 4, 3)
     with pytest.raises(ValueError, match=r"x must have shape \(n, 4\), got \(10, 3\)"):
         model.forward(x[:, :3])
+    with pytest.raises(ValueError, match="x does not convert to a float32 array"):
+        model.predict([[1.0, 2.0, 3.0, 4.0], [1.0]])
+    with pytest.raises(ValueError, match="labels does not convert to an array"):
+        model.score(x[:2], [[0], [1, 2]])
     with pytest.raises(TypeError, match="labels must be integers"):
         model.loss_and_grads(x, labels.astype(float))
     with pytest.raises(ValueError, match=r"labels must be in \[0, 3\)"):
@@ -587,10 +590,18 @@ def test_cli_rejects_bad_flags(argv, message, capsys, monkeypatch):
 
 def test_a_plot_format_that_needs_more_than_matplotlib_is_refused_before_training():
     # .pgf is in matplotlib's list, but writing text in it runs LaTeX (xelatex by default).
-    import matplotlib
+    from matplotlib.figure import Figure
 
+    figure = Figure()
+    figure.text(0.5, 0.5, "text")
+    try:
+        figure.savefig(io.BytesIO(), format="pgf")  # as the trainer's plot would
+    except Exception:  # RuntimeError without xelatex, a LaTeX error with a broken one
+        works = False
+    else:
+        works = True
     problem = mlp._unwritable("run.pgf", plot=True)
-    if shutil.which(matplotlib.rcParams["pgf.texsystem"]):
+    if works:
         assert problem is None
     else:
         assert problem.startswith("matplotlib cannot write .pgf files here:"), problem
@@ -598,20 +609,38 @@ def test_a_plot_format_that_needs_more_than_matplotlib_is_refused_before_trainin
 
 
 def test_the_kernels_of_every_kind_of_batch_norm_layer_load_before_training():
-    # numbanorm.mpi's SyncBatchNorm runs kernels of its own: a layer of each kind runs
-    # once ahead of the timed loop, with the model's dtype.
+    # numbanorm.mpi's SyncBatchNorm runs kernels of its own: each kind's scratch layer runs
+    # once ahead of the timed loop, in training and in inference.
     ran = []
 
     class Recording(BatchNorm):
         def forward(self, x, training=None):
-            ran.append((type(self).__name__, self.num_features, x.dtype, self.training if training is None else training))
+            ran.append((self.num_features, x.dtype, self.training if training is None else training))
             return super().forward(x, training)
+
+    class Own(BatchNorm):
+        def _scratch(self, **options):
+            return Recording(1, dtype=self.dtype)
 
     model = MLP([4, 5, 5, 3], dtype=np.float64)
     second = [i for i, layer in enumerate(model.layers) if isinstance(layer, BatchNorm)][1]
-    model.layers[second] = Recording(5, dtype=np.float64)
+    model.layers[second] = Own(5, dtype=np.float64)
     mlp._load_kernels(model)
-    assert ran == [("Recording", 1, np.float64, True), ("Recording", 1, np.float64, False)]
+    assert ran == [(1, np.float64, True), (1, np.float64, False)]
+
+
+def test_a_batch_norm_subclass_with_a_constructor_of_its_own_trains():
+    # Its scratch layer is a plain BatchNorm: the subclass's constructor is not called.
+    class Scaled(BatchNorm):
+        def __init__(self, num_features, scale, **options):
+            super().__init__(num_features, **options)
+            self.gamma *= scale
+
+    model = MLP([4, 5, 3])
+    first = next(i for i, layer in enumerate(model.layers) if isinstance(layer, BatchNorm))
+    model.layers[first] = Scaled(5, 2.0)
+    x, labels = data(20, 4, 3)
+    assert len(train(model, x, labels, epochs=2, batch_size=10, lr=0.1)["train_loss"]) == 2
 
 
 def test_cli_trains_on_single_samples_without_batch_norm(monkeypatch):

@@ -383,3 +383,52 @@ def test_sync_layer_from_something_other_than_a_layer_names_the_argument():
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "layer must be a numbanorm.BatchNorm, got str"
+
+
+def test_the_sync_layers_scratch_layer_runs_on_its_rank_alone():
+    # The trainer runs each kind of layer's kernels once before training, on some ranks twice
+    # (rank 0 says what it waits for): a scratch layer that talked to the others would hang them.
+    program = textwrap.dedent("""
+        import numpy as np, numbanorm.mpi
+        from mpi4py import MPI
+        scratch = numbanorm.mpi.SyncBatchNorm(3, momentum=0.2, dtype=np.float64)._scratch()
+        print(type(scratch).__name__, scratch.comm == MPI.COMM_SELF, scratch.num_features, scratch.momentum, scratch.dtype)
+    """)
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["SyncBatchNorm", "True", "1", "0.2", "float64"]
+
+
+def test_the_trainer_on_ranks_that_report_and_ranks_that_do_not(tmp_path):
+    # Rank 0 reports (and loads the kernels once more, telling the wait); the others are quiet.
+    pytest.importorskip("sklearn", reason="the trainer's data need the extra 'mlp'")
+    script = tmp_path / "trainer.py"
+    script.write_text(textwrap.dedent(TRAINER_SCRIPT))
+    done = run_ranks([script, "--mpi", "--epochs", "1", "--hidden", "8", "--batch-size", "100"], tmp_path)
+    assert "with batch norm: test accuracy" in done.stdout
+
+
+def test_the_allreduces_check_their_input_on_its_rank_as_the_in_memory_functions_do():
+    program = textwrap.dedent("""
+        import numpy as np, numbanorm, numbanorm.mpi
+        from mpi4py import MPI
+        count, mean, m2 = numbanorm.batch_norm_partial_stats(np.array([[5.0, 1e9], [7.0, 1e9]]))
+        calls = [
+            lambda: numbanorm.mpi.allreduce_stats((count, np.ma.masked_array(mean, mask=[False, True]), m2), comm=MPI.COMM_SELF),
+            lambda: numbanorm.mpi.allreduce_sum([np.ones(2), np.ma.masked_array([1.0, 2.0], mask=[True, False])], comm=MPI.COMM_SELF),
+            lambda: numbanorm.mpi.allreduce_sum([[[1.0], [1.0, 2.0]]], comm=MPI.COMM_SELF),
+        ]
+        for call in calls:
+            try:
+                call()
+                print("no error")
+            except (TypeError, ValueError) as error:
+                print(type(error).__name__, str(error).split(":")[0])
+    """)
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "TypeError stats's mean is a masked array with masked values, which would be used as they are",
+        "TypeError arrays[1] is a masked array with masked values, which would be used as they are",
+        "ValueError arrays[0] does not convert to an array",
+    ]

@@ -142,8 +142,7 @@ def _jit(**options):
     def decorate(func):
         with _jit_enabled():
             dispatcher = compile(func)
-        if numba_config.DISABLE_JIT:
-            _compile_with_jit(dispatcher)
+        _compile_with_jit(dispatcher)
         if CACHE:
             cache_on_disk(dispatcher)
         return dispatcher
@@ -159,12 +158,15 @@ def _jit_enabled():
     that switch is for debugging one's own functions in Python, and the kernels'
     explicit vectors (``_vectors``) have no Python to fall back to. Numba reads the
     switch where a decorator wraps a function, numbanorm's and those of the NumPy
-    functions it compiles in. Under the compiler's lock, which is reentrant and
-    which every compilation takes, so that no other thread's compilation sees
-    the switch change. (A function that another thread decorates meanwhile,
-    while numbanorm compiles under ``NUMBA_DISABLE_JIT=1``, would be compiled too.)
+    functions it compiles in, and reloads it from the environment when that has
+    changed since it last looked: hence the reload first, after which the
+    compiler's own finds nothing new. Under the compiler's lock, which is
+    reentrant and which every compilation takes, so that no other thread's
+    compilation sees the switch change. Other threads' code does, meanwhile
+    (README, "Embedding and configuration").
     """
     with global_compiler_lock:
+        numba_config.reload_config()
         disabled = numba_config.DISABLE_JIT
         numba_config.DISABLE_JIT = 0
         try:
@@ -174,7 +176,11 @@ def _jit_enabled():
 
 
 def _compile_with_jit(dispatcher):
-    """Make ``dispatcher`` compile within ``_jit_enabled`` (under ``NUMBA_DISABLE_JIT=1`` only)."""
+    """Make ``dispatcher`` compile within ``_jit_enabled``, whenever it compiles.
+
+    Always, not only when ``NUMBA_DISABLE_JIT`` was set at import: it may be set
+    later, and a call on types already compiled does not come here.
+    """
     compile = dispatcher.compile
 
     def compile_with_jit(signature):

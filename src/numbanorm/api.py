@@ -71,7 +71,7 @@ def _refuse_masked(a, name, written=False):
             )
         raise TypeError(
             f"{name} is a masked array with masked values, which would be used as they are: "
-            f"pass {name}.filled(value), or the unmasked values"
+            "fill them first (.filled(value)), or pass the unmasked values only"
         )
 
 
@@ -104,7 +104,7 @@ def _number(value, name, low, high):
         try:
             value = float(value)
         except OverflowError:  # an int beyond float's range, such as 10**400
-            raise ValueError(f"{name} must be in [{low}, {high}], got an integer too large for a float") from None
+            raise ValueError(f"{name} must be a number that a float can hold, got a {type(value).__name__} beyond its range") from None
     if not low <= value <= high:
         raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
     return value
@@ -373,7 +373,8 @@ def batch_norm_stats(x, *, axis=1):
     TypeError
         ``x`` does not hold real numbers; ``axis`` is not an integer.
     ValueError
-        ``x`` has fewer than 2 dimensions or no values per feature.
+        ``x`` has fewer than 2 dimensions or no values per feature, or does not
+        convert to an array (a ragged nested list).
     numpy.exceptions.AxisError
         ``axis`` is out of range.
 
@@ -462,7 +463,7 @@ def merge_stats(parts):
         ``parts`` is empty; a triple has other than three items, or arrays
         that are not 1-D or disagree in shape with each other or with the
         first triple's; a count is negative, infinite or NaN; an ``m2`` is
-        negative.
+        negative; a member does not convert to an array.
 
     Examples
     --------
@@ -604,7 +605,9 @@ def batch_norm_forward(
         Wrong shapes; fewer than 2 dimensions; ``eps < 0``; ``momentum``
         outside [0, 1]; a read-only ``out``; fewer than 2 values per feature
         in training; inference without running statistics; in training,
-        running statistics that share memory with each other or with ``out``.
+        running statistics that share memory with each other or with ``out``;
+        an input that does not convert to an array (a ragged nested list), or
+        an ``eps`` too large for a float.
     numpy.exceptions.AxisError
         ``axis`` is out of range.
 
@@ -745,7 +748,8 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, axis=1, training=Tru
         a non-array ``out``; wrong ``out`` dtype; a masked array with masked
         values as an input or ``out``.
     ValueError
-        Wrong shapes; fewer than 2 dimensions; a read-only ``out``.
+        Wrong shapes; fewer than 2 dimensions; a read-only ``out``; an input
+        that does not convert to an array (a ragged nested list).
     numpy.exceptions.AxisError
         ``axis`` is out of range.
 
@@ -789,7 +793,8 @@ def batch_norm_backward_reduce(dy, x, mean, invstd, *, axis=1):
         Non-real data; ``axis`` is not an integer; a masked array with masked values.
     ValueError
         ``dy`` not shaped like ``x``; ``mean`` or ``invstd`` not of shape
-        ``(x.shape[axis],)``; fewer than 2 dimensions.
+        ``(x.shape[axis],)``; fewer than 2 dimensions; an input that does
+        not convert to an array.
     numpy.exceptions.AxisError
         ``axis`` is out of range.
 
@@ -848,8 +853,9 @@ def batch_norm_backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, c
         ``out`` or one of the wrong dtype; a masked array with masked values.
     ValueError
         ``dy`` not shaped like ``x``; a per-feature argument not of shape
-        ``(x.shape[axis],)``; ``count`` below 1 or not whole; fewer than 2
-        dimensions; a read-only ``out``.
+        ``(x.shape[axis],)``; ``count`` below 1, not whole or too large for
+        a float; fewer than 2 dimensions; a read-only ``out``; an input that
+        does not convert to an array.
     numpy.exceptions.AxisError
         ``axis`` is out of range.
 

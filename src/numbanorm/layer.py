@@ -242,8 +242,13 @@ class BatchNorm:
         return dx if dx.dtype == x.dtype else dx.astype(x.dtype)
 
     def _scratch(self, **options):
-        """A new one-feature layer of this kind and with these options (``mlp`` runs its kernels once before training)."""
-        return type(self)(
+        """A new one-feature layer with these options, on which ``mlp`` runs the kernels once before training.
+
+        A ``BatchNorm``, whatever subclass ``self`` is: a subclass's constructor
+        may take other arguments. One that runs kernels of its own
+        (``numbanorm.mpi.SyncBatchNorm``) overrides this.
+        """
+        return BatchNorm(
             1,
             eps=self.eps,
             momentum=self.momentum,
@@ -333,8 +338,9 @@ class BatchNorm:
         TypeError
             A value does not hold real numbers; ``num_batches_tracked`` is not an integer.
         ValueError
-            A per-feature value of the wrong shape, or out of the layer dtype's
-            range; ``num_batches_tracked`` negative or above int64.
+            A per-feature value of the wrong shape, out of the layer dtype's
+            range, or that does not convert to an array; ``num_batches_tracked``
+            negative or above int64.
 
         Examples
         --------

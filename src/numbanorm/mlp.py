@@ -29,7 +29,7 @@ import time
 import numba
 import numpy as np
 
-from .api import _number
+from .api import _as_array, _number
 from .layer import BatchNorm, _state_value
 
 __all__ = [
@@ -393,14 +393,17 @@ class MLP:
         return f"MLP({', '.join(names)})"
 
     def _input(self, x):
-        x = np.asarray(x, dtype=self.dtype)
+        try:
+            x = np.asarray(x, dtype=self.dtype)
+        except (ValueError, TypeError) as error:  # a ragged list, strings: NumPy's message names nothing
+            raise type(error)(f"x does not convert to a {self.dtype.name} array: {error}") from None
         features = self.config["sizes"][0]
         if x.ndim != 2 or x.shape[1] != features:
             raise ValueError(f"x must have shape (n, {features}), got {x.shape}")
         return x
 
     def _labels(self, labels, n):
-        labels = np.asarray(labels)
+        labels = _as_array(labels, "labels")
         if labels.dtype.kind not in "iu":
             raise TypeError(f"labels must be integers, got dtype {labels.dtype}")
         if labels.shape != (n,):
@@ -523,9 +526,9 @@ class MLP:
 def batches(n, batch_size, rng, smallest=1):
     """Shuffled index arrays covering ``range(n)``, ``batch_size`` at a time.
 
-    A final batch of fewer than ``smallest`` samples (but not fewer than
-    ``batch_size``) is dropped: batch normalization (``smallest=2``) cannot
-    train on a single sample.
+    A final batch of fewer than ``smallest`` samples is dropped, unless
+    ``batch_size`` itself is below ``smallest``: batch normalization
+    (``smallest=2``) cannot train on a single sample.
     """
     order = rng.permutation(n)
     for start in range(0, n, batch_size):

@@ -43,7 +43,7 @@ try:
     from mpi4py import MPI
 except ModuleNotFoundError as error:
     raise ModuleNotFoundError(
-        f"numbanorm.mpi needs mpi4py and an MPI library ({error}): pip install 'numbanorm[mpi]'", name=error.name
+        f"numbanorm.mpi needs mpi4py ({error}): pip install 'numbanorm[mpi]'", name=error.name
     ) from error
 
 from . import api
@@ -176,9 +176,15 @@ def allreduce_stats(stats, comm=None):
     (array([3., 3.]), array([ 3., 30.]), array([  8., 800.]))
     """
     comm = _communicator(comm)
-    parts = allgather_checked(lambda: tuple(np.asarray(a, dtype=np.float64) for a in stats), comm)
+    parts = allgather_checked(lambda: api._stats_triple(stats, "stats"), comm)  # checked on its own rank
     _same_features(parts, comm)
     return api.merge_stats(parts)
+
+
+def _summand(a, name):
+    """``a`` as an array for ``allreduce_sum``: not one with masked values, which a sum would take in."""
+    api._refuse_masked(a, name)
+    return api._as_array(a, name)
 
 
 def allreduce_sum(arrays, comm=None):
@@ -204,7 +210,7 @@ def allreduce_sum(arrays, comm=None):
     [array([1., 2.]), array(3)]
     """
     comm = _communicator(comm)
-    parts = allgather_checked(lambda: [np.asarray(a) for a in arrays], comm)
+    parts = allgather_checked(lambda: [_summand(a, f"arrays[{i}]") for i, a in enumerate(arrays)], comm)
     shapes = [[np.shape(a) for a in part] for part in parts]
     if any(s != shapes[0] for s in shapes):
         raise ValueError(f"arrays must have the same shapes on every rank; got {shapes} on ranks 0..{comm.size - 1}")
@@ -402,7 +408,8 @@ class SyncBatchNorm(BatchNorm):
 
     def _scratch(self, **options):
         # On this rank alone: the same kernels, and no collective that the other ranks must join.
-        return super()._scratch(comm=MPI.COMM_SELF, **options)
+        layer = super()._scratch(**options)
+        return SyncBatchNorm.from_batch_norm(layer, comm=MPI.COMM_SELF)
 
     @classmethod
     def from_batch_norm(cls, layer, comm=None):
