@@ -14,7 +14,7 @@ work:
   (``_vectors.run_normalize``, the kernels' own vector loop for runs);
 - the backward's sums beside the sums of ``x`` and of ``dy`` (two reads);
 - ``dx`` beside ``_vectors.run_grad_input`` with scalar constants (the formula of
-  the ``(N, C, H, W)`` runs: one multiplication more than the ``(N, C)`` pass's).
+  the ``(N, C, H, W)`` runs: a multiplication and a subtraction more than the ``(N, C)`` pass's).
 
 "plain" in the last columns puts two plain passes together: what a forward
 (or backward) moving the same bytes would reach, as a fraction of the copy, as
@@ -77,12 +77,12 @@ def plain_normalize(x, constant, chunks, y):
 
 @numba.njit(parallel=True)
 def plain_grad_input(dy, x, constant, chunks, dx):
-    """``dx = dy * c - ((x - c) * c) * c - c`` for ``c = constant``, in ``chunks`` slabs."""
+    """``dx = (dy - c) * c - ((x - c) * c) * c - c`` for ``c = constant``, in ``chunks`` slabs."""
     n = x.size
     flat_dy, flat_x, flat_dx = dy.reshape(-1), x.reshape(-1), dx.reshape(-1)
     for t in numba.prange(chunks):
         start, stop = t * n // chunks, (t + 1) * n // chunks
-        run_grad_input(flat_dx, start, stop, flat_dy, flat_x, constant, constant, constant, constant, constant)
+        run_grad_input(flat_dx, start, stop, flat_dy, flat_x, constant, constant, constant, constant, constant, constant)
 
 
 def page_array(shape, dtype):

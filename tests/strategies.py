@@ -29,12 +29,17 @@ def shapes_and_axes(draw, min_dims=2, max_dims=5, min_per_feature=2, max_size=30
     # Occasionally, where ``max_size`` is the default or more, one axis long enough to give
     # each feature more values than a block of the statistics holds (``_kernels.BLOCK_BYTES``:
     # 65536 float32 values, 32768 float64), so that blocks merge inside one call: the batch
-    # of (N, C) data, the spatial run of (N, C, H, W), the rows of channels-last data.
+    # of (N, C) data, the rows of channels-last data, or the spatial run of (N, C, H, W) data,
+    # which the statistics cut into one block a row (``_kernels._blocked_stats``): there two
+    # rows before the feature axis make two blocks. (With the feature axis first, a long run
+    # is one row and one block.)
     if max_size >= 3000 and draw(st.integers(0, 19)) == 0:
         shape = [1] * ndim
         shape[axis] = draw(st.integers(1, 3))
         long = draw(st.sampled_from([i for i in range(ndim) if i != axis % ndim]))
         shape[long] = draw(st.integers(65537, 140000))  # more than a float32 block, two float64 ones
+        if long > axis % ndim > 0:
+            shape[0] = 2
     while math.prod(shape) // shape[axis] < min_per_feature:
         shape[batch] += 1
     return tuple(shape), axis

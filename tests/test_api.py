@@ -5,7 +5,7 @@ import contextlib
 import numba
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from numpy.exceptions import AxisError
 
@@ -75,8 +75,18 @@ paths = st.sampled_from(PATHS)
 # --- equality with the reference ----------------------------------------------------------
 
 
+def offset_float32_case():
+    """A ``forward_cases`` case that always needs the float32 mean's low part (offsets of 1e7,
+    a spacing of 1 there, beside a spread of about 600), which the strategy draws one time
+    in 24."""
+    rng = np.random.default_rng(0)
+    x = (rng.uniform(-1e3, 1e3, (300, 4)) + rng.uniform(-1e7, 1e7, 4)).astype(np.float32)
+    return x, x, 1, None, None, True, rng
+
+
 @property_settings
 @given(forward_cases(), paths)
+@example(offset_float32_case(), "serial")
 def test_forward_matches_reference(case, path):
     x, x_laid_out, axis, gamma, beta, training, rng = case
     features = x.shape[axis]
@@ -106,21 +116,22 @@ def test_forward_matches_reference(case, path):
 
 
 @property_settings
-@given(forward_cases(), paths)
-def test_backward_matches_reference(case, path):
+@given(forward_cases(), paths, st.sampled_from(LAYOUTS))
+def test_backward_matches_reference(case, path, dy_layout):
     x, x_laid_out, axis, gamma, _, training, rng = case
     features = x.shape[axis]
     dy = rng.normal(size=x.shape).astype(x.dtype)
+    dy_laid_out = with_layout(dy, dy_layout)  # a layout of its own: x's is not dy's
     if training:
         mean, var = reference.stats(x, axis)
     else:
         mean, var = rng.uniform(-500, 500, features), rng.uniform(0.5, 1e5, features)
     invstd = 1 / np.sqrt(var + 1e-5)
-    inputs = (dy, x_laid_out, mean, invstd) + (() if gamma is None else (gamma,))
+    inputs = (dy_laid_out, x_laid_out, mean, invstd) + (() if gamma is None else (gamma,))
     before = [a.copy() for a in inputs]
 
     with kernel_path(path):
-        dx, dgamma, dbeta = numbanorm.batch_norm_backward(dy, x_laid_out, mean, invstd, gamma, axis=axis, training=training)
+        dx, dgamma, dbeta = numbanorm.batch_norm_backward(dy_laid_out, x_laid_out, mean, invstd, gamma, axis=axis, training=training)
     ref_dx, ref_dgamma, ref_dbeta = reference.backward(dy, x, mean, invstd, gamma, axis=axis, training=training)
 
     assert dx.dtype == x.dtype
@@ -620,6 +631,32 @@ def test_float32_backward_is_accurate_when_the_mean_dwarfs_the_spread(shape, axi
     assert_close(dbeta, ref_dbeta, np.float32)
 
 
+# (N, C, H, W) runs in explicit vectors and in LLVM's loop (runs of more than RUN_VECTORS_MAX
+# values), each through the two passes ("serial") and channel by channel (a batch of one or
+# two on the parallel paths: ``_kernels._by_channels``).
+RUN_LAYOUTS = [(64, 8, 7, 9), (2, 8, 300), (1, 8, 7, 9)]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("shape", RUN_LAYOUTS)
+def test_float32_backward_of_runs_is_accurate_when_the_mean_of_dy_dwarfs_its_spread(shape, path):
+    # dy = 1e4 + N(0, 1): dy * dy_scale against an offset rounded at 1e4's scale cancelled to
+    # 2.7e-4 of the largest |dx| (PyTorch: 2.5e-4). The runs split mean(dy) as they split the
+    # mean of x (``_kernels._grad_column``).
+    rng = np.random.default_rng(15)
+    x = rng.normal(size=shape).astype(np.float32)
+    dy = (1e4 + rng.normal(size=shape)).astype(np.float32)
+    gamma = rng.uniform(0.5, 2, shape[1])
+    with kernel_path(path):
+        _, mean, invstd = numbanorm.batch_norm_forward(x, gamma)
+        dx, dgamma, dbeta = numbanorm.batch_norm_backward(dy, x, mean, invstd, gamma)
+    ref_dx, ref_dgamma, ref_dbeta = reference.backward(dy, x, mean, invstd, gamma)
+    error = np.abs(dx - ref_dx).max()
+    assert error <= 1e-5 * np.abs(ref_dx).max(), error
+    assert_close(dgamma, ref_dgamma, np.float32)
+    assert_close(dbeta, ref_dbeta, np.float32)
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("shape, axis", OFFSET_LAYOUTS)
 def test_float32_inference_keeps_the_digits_of_float64_running_statistics(shape, axis, path):
@@ -670,13 +707,72 @@ def test_float32_whose_squares_overflow_still_normalizes():
     assert_close(dgamma, ref_dgamma, np.float32, scale=np.abs(dy).sum())
 
 
-def test_float32_gradients_stay_accurate_at_extreme_scales():
+# float64 data whose squares overflow: the oracle runs on x * 2**-600, where nothing does. y
+# does not depend on the scale (with eps scaled alike); the mean scales by 2**600, the
+# variance by 2**1200, invstd by 2**-600. (1, 3, 4000): a batch of one, whose statistics
+# split the features among slabs.
+HUGE_SHAPES = [(1000, 4), (1, 3, 4000)]
+SCALE_DOWN = 2.0**-600
+
+
+def huge_float64(spread, shape):
+    rng = np.random.default_rng(4)
+    with np.errstate(over="ignore"):
+        return np.clip(spread * rng.normal(size=shape), -1.7e308, 1.7e308), rng
+
+
+@pytest.mark.parametrize("path", ["serial", "parallel"])
+@pytest.mark.parametrize("shape", HUGE_SHAPES)
+# 1e154: squares overflow, the variance does not; 1e200: the variance overflows too, invstd
+# does not; 1e308: values of both signs near the largest float64, whose differences overflow.
+@pytest.mark.parametrize("spread", [1e154, 1e200, 1e308])
+def test_float64_whose_squares_overflow_still_normalizes(spread, shape, path):
+    x, _ = huge_float64(spread, shape)
+    eps = 1e-5
+    ref_mean, ref_var = reference.stats(x * SCALE_DOWN)
+    ref_y = reference.forward(x * SCALE_DOWN, eps=eps * SCALE_DOWN**2)[0]
+    with kernel_path(path):
+        mean, var = numbanorm.batch_norm_stats(x)
+        y, forward_mean, invstd = numbanorm.batch_norm_forward(x, eps=eps)
+    assert np.all(np.abs(mean * SCALE_DOWN - ref_mean) <= 1e-12 * np.sqrt(ref_var)), (mean, ref_mean)
+    np.testing.assert_array_equal(forward_mean, mean)
+    with np.errstate(over="ignore"):
+        expected_var = ref_var / SCALE_DOWN / SCALE_DOWN
+    np.testing.assert_allclose(var, expected_var, rtol=1e-12)  # inf where the variance is beyond float64
+    np.testing.assert_allclose(invstd, SCALE_DOWN / np.sqrt(ref_var + eps * SCALE_DOWN**2), rtol=1e-12)
+    assert_close(y, ref_y, np.float64)
+
+
+@pytest.mark.parametrize("path", ["serial", "parallel"])
+@pytest.mark.parametrize("shape", HUGE_SHAPES)
+@pytest.mark.parametrize("spread", [1e154, 1e200])
+def test_float64_gradients_where_the_squares_overflow(spread, shape, path):
+    # dx is invstd times a function of xhat, which the scaled data give alike. (Near the
+    # largest float64 the sum of dy * (x - mean) overflows: the README's limits.)
+    x, rng = huge_float64(spread, shape)
+    dy = rng.normal(size=shape)
+    ref_mean, ref_var = reference.stats(x * SCALE_DOWN)
+    mean, invstd = ref_mean / SCALE_DOWN, SCALE_DOWN / np.sqrt(ref_var + 1e-5 * SCALE_DOWN**2)
+    with kernel_path(path):
+        dx = numbanorm.batch_norm_backward(dy, x, mean, invstd)[0]
+    scaled = (x * SCALE_DOWN, mean * SCALE_DOWN, invstd / SCALE_DOWN)
+    ref_dx = reference.backward(dy, *scaled)[0] * SCALE_DOWN
+    assert_gradient_close(dx, ref_dx, np.float64, gradient_scale(dy, *scaled) * SCALE_DOWN)
+
+
+@pytest.mark.parametrize("path", ["serial", "parallel"])
+# (N, C) rows; (N, C, H, W) runs in explicit vectors and longer than RUN_VECTORS_MAX, which
+# LLVM's loop had computed with invstd * xhat_scale hoisted (1-3 % off); a batch of one
+# runs channel by channel on the parallel path.
+@pytest.mark.parametrize("shape", [(1000, 3), (64, 3, 20), (4, 3, 4000), (1, 3, 4000)])
+def test_float32_gradients_stay_accurate_at_extreme_scales(shape, path):
     # invstd**2 would be subnormal in float32 here: the kernels never form it.
     rng = np.random.default_rng(11)
-    x = (1e30 * rng.normal(size=(1000, 3))).astype(np.float32)
+    x = (1e30 * rng.normal(size=shape)).astype(np.float32)
     dy = rng.normal(size=x.shape).astype(np.float32)
-    _, mean, invstd = numbanorm.batch_norm_forward(x)
-    dx, _, _ = numbanorm.batch_norm_backward(dy, x, mean, invstd)
+    with kernel_path(path):
+        _, mean, invstd = numbanorm.batch_norm_forward(x)
+        dx, _, _ = numbanorm.batch_norm_backward(dy, x, mean, invstd)
     assert_gradient_close(dx, reference.backward(dy, x, mean, invstd)[0], np.float32, gradient_scale(dy, x, mean, invstd))
 
 

@@ -211,7 +211,7 @@ def test_the_plain_passes_do_the_work_they_stand_for_on_every_value(dtype, chunk
     np.testing.assert_allclose(out, (x - c) * c + c, rtol=1e-6)
     out[...] = np.nan
     passes.plain_grad_input(dy, x, c, chunks, out)
-    np.testing.assert_allclose(out, dy * c - ((x - c) * c) * c - c, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out, (dy - c) * c - ((x - c) * c) * c - c, rtol=1e-6, atol=1e-6)
     assert passes.plain_read(x, np.empty((0, 0, 1), dtype), chunks) == pytest.approx(x.sum(dtype=np.float64), rel=1e-5)
     both = x.sum(dtype=np.float64) + dy.sum(dtype=np.float64)
     assert passes.plain_read(x, dy, chunks) == pytest.approx(both, rel=1e-5)

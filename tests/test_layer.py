@@ -103,6 +103,23 @@ def test_backward_matches_the_reference_and_fills_gradients(training, shape, axi
     assert layer.gradients()["weight"] is layer.dgamma
 
 
+def test_backward_without_running_statistics_in_eval_mode_goes_through_the_batch_statistics():
+    # Such a layer normalizes with the batch's statistics in either mode, so its backward
+    # is the training one, whose dx depends on those statistics (not dy * gamma * invstd).
+    rng = np.random.default_rng(5)
+    layer = numbanorm.BatchNorm(5, track_running_stats=False, dtype=np.float64).eval()
+    layer.gamma[:] = rng.uniform(0.5, 2, 5)
+    x = batch(6, (16, 5), np.float64)
+    layer.forward(x)
+    dy = rng.normal(size=x.shape)
+    dx = layer.backward(dy)
+    _, mean, invstd, _, _ = reference.forward(x, layer.gamma, layer.beta)
+    ref_dx, ref_dgamma, ref_dbeta = reference.backward(dy, x, mean, invstd, layer.gamma, training=True)
+    np.testing.assert_allclose(dx, ref_dx, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(layer.dgamma, ref_dgamma, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(layer.dbeta, ref_dbeta, rtol=1e-9, atol=1e-12)
+
+
 def test_backward_before_forward_raises():
     with pytest.raises(RuntimeError, match="forward"):
         numbanorm.BatchNorm(3).backward(np.ones((4, 3)))

@@ -30,6 +30,7 @@ outputs start where the output and the input do within a cache line
 """
 
 import contextlib
+import math
 
 import numpy as np
 from numba import njit, prange
@@ -44,6 +45,7 @@ from ._vectors import (
     WIDE_VECTOR_BYTES,
     address,
     run_grad_input,
+    run_grad_input_folded,
     run_normalize,
     run_scale,
     shaped_view,
@@ -530,12 +532,74 @@ def partial_stats(x, chunks, mean, m2):
                 start, stop = _bounds(outer, chunks, t)
                 slab_count[t] = _slab_stats(x, start, stop, chunks, slab_mean[t], slab_m2[t], scratch[t])
     if by_features:
-        return float(outer * inner)
-    count = 0.0
-    mean[:] = 0.0
-    m2[:] = 0.0
-    for t in range(chunks):
-        count = chan_merge(count, mean, m2, slab_count[t], slab_mean[t], slab_m2[t])
+        count = float(outer * inner)
+    else:
+        count = 0.0
+        mean[:] = 0.0
+        m2[:] = 0.0
+        for t in range(chunks):
+            count = chan_merge(count, mean, m2, slab_count[t], slab_mean[t], slab_m2[t])
+    for c in range(features):
+        if not (np.isfinite(mean[c]) and np.isfinite(m2[c])):
+            finite, scaled_mean, scaled_m2 = _rescaled_stats(x, c, count)
+            if finite:  # NaN and inf data keep what the blocks gave
+                mean[c] = math.ldexp(scaled_mean, SCALE_BITS)
+                m2[c] = math.ldexp(scaled_m2, 2 * SCALE_BITS)
+    return count
+
+
+# The statistics of features whose float64 values overflow the blocks' arithmetic
+# (``_rescaled_stats``) are computed on the values times ``SCALE_DOWN``, and scaled back
+# with ``math.ldexp``: a product by 2**600 twice may be folded into one by inf. 2**-600
+# takes the largest float64 to 4e127, whose squares sum without overflow.
+SCALE_BITS = 600
+SCALE_DOWN = 2.0**-SCALE_BITS
+
+
+@jit
+def _rescaled_stats(x, c, count):
+    """``(finite, mean * SCALE_DOWN, m2 * SCALE_DOWN**2)`` of feature ``c``, two passes over its values times ``SCALE_DOWN``.
+
+    float64 values whose deviations from a block's first value pass about
+    1.3e154 overflow the sums of squares, and values of opposite signs near
+    the largest float64 their differences; ``partial_stats`` then had an inf
+    or NaN mean or m2 for finite data. (float32 data do not: their deviations
+    are formed and squared in float64.) The scaling is exact but for values
+    below about 1e-127, which weigh nothing beside such deviations. ``finite``:
+    whether every value of the feature is finite (the others keep the blocks'
+    NaN or inf). A slow pass over one feature, only for data that need it.
+    """
+    total = 0.0
+    finite = True
+    for n in range(x.shape[0]):
+        for i in range(x.shape[2]):
+            value = x[n, c, i]
+            finite &= np.isfinite(value)
+            total += value * SCALE_DOWN
+    mean = total / count
+    m2 = 0.0
+    for n in range(x.shape[0]):
+        for i in range(x.shape[2]):
+            deviation = x[n, c, i] * SCALE_DOWN - mean
+            m2 += deviation * deviation
+    return finite, mean, m2
+
+
+@jit
+def batch_stats(x, chunks, mean, var):
+    """Per-feature mean and biased variance of ``x`` (at least one value a feature) into ``mean``/``var``.
+
+    ``partial_stats``, then ``m2 / count``; where m2 overflowed but the
+    variance does not (float64 deviations near 1e154 and up), the variance
+    from ``_rescaled_stats``. Returns the number of values per feature.
+    """
+    count = partial_stats(x, chunks, mean, var)
+    for c in range(var.shape[0]):
+        var[c] /= count
+        if np.isfinite(mean[c]) and not np.isfinite(var[c]):
+            finite, _, scaled_m2 = _rescaled_stats(x, c, count)
+            if finite:
+                var[c] = math.ldexp(scaled_m2 / count, 2 * SCALE_BITS)
     return count
 
 
@@ -559,7 +623,8 @@ def partial_stats(x, chunks, mean, m2):
 
 MEAN_HI, SCALE, SHIFT = 0, 1, 2  # rows of the forward's ``params``
 DY_SCALE, INVSTD, XHAT_SCALE, OFFSET, XMU_SCALE = 1, 2, 3, 4, 5  # rows of the backward's ``params`` (after MEAN_HI)
-FORWARD_ROWS, BACKWARD_ROWS = 3, 6
+DY_HI, RUN_OFFSET = 6, 7  # the backward's rows for the form of (N, C, H, W) runs (``_grad_column``)
+FORWARD_ROWS, BACKWARD_ROWS = 3, 8
 # Columns of ``params`` past the last feature, repeating the first ones: a vector
 # of ``(N, C)`` rows that starts at feature ``c`` reads ``params[:, c:c + lanes]`` whole,
 # across the end of the row (``_vector_span``). One wide float32 vector's lanes.
@@ -845,10 +910,15 @@ def forward_train(x, gamma, beta, eps, chunks, stream, y, mean, var, invstd):
     ``stream``: see ``normalize``.
     Returns the number of values per feature.
     """
-    count = partial_stats(x, chunks, mean, var)
-    var /= count
+    count = batch_stats(x, chunks, mean, var)
     for c in range(var.shape[0]):
         invstd[c] = 1.0 / np.sqrt(var[c] + eps)
+        if np.isfinite(mean[c]) and not np.isfinite(var[c]):
+            # A variance beyond float64 (deviations near 1e154 and up) still has an
+            # invstd within it: SCALE_DOWN / sqrt(var * SCALE_DOWN**2).
+            finite, _, scaled_m2 = _rescaled_stats(x, c, count)
+            if finite:
+                invstd[c] = math.ldexp(1.0 / np.sqrt(scaled_m2 / count + math.ldexp(eps, -2 * SCALE_BITS)), -SCALE_BITS)
     params = new_params(FORWARD_ROWS, x, y)
     normalize_params(mean, invstd, gamma, beta, params)
     normalize(x, params, chunks, stream, y)
@@ -943,16 +1013,19 @@ def _runs_grad_sums(dy, x, start, stop, features_start, features_stop, mean, sum
 
 @jit
 def _slab_grad_input(dy, x, start, stop, params, folded, stream, dx):
-    """``dx = dy * dy_scale - ((x - hi) * invstd) * xhat_scale - offset`` on units ``start:stop`` (``_units``).
+    """``dx = gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))`` on units ``start:stop`` (``_units``).
 
-    ``(x - hi) * invstd`` (``xhat`` but for the mean's rounding, which is in
-    ``offset``) is formed first so that no factor leaves float32's range:
-    ``invstd**2`` would be subnormal for a standard deviation above 1e19.
-    ``(N, C)`` rows take ``invstd * xhat_scale`` as one factor instead
-    (``xmu_scale``, four per-feature rows instead of five) where ``folded``
-    says that it stayed in range (``grad_params``), and otherwise go one value
-    at a time. ``dx`` may be ``dy`` or ``x``. ``stream``: ``(N, C)`` rows are
-    written with non-temporal stores.
+    Where ``folded`` (``grad_params``: ``xmu_scale = invstd * xhat_scale``
+    stayed in the dtype's range), ``(N, C)`` rows take
+    ``dy * dy_scale - (x - hi) * xmu_scale - offset`` (four per-feature rows)
+    and ``(N, C, H, W)`` runs ``(dy - dy_hi) * dy_scale - (x - hi) * xmu_scale
+    - run_offset`` (one scalar each a run, ``_grad_column``). Otherwise both
+    take ``(dy - dy_hi) * dy_scale - ((x - hi) * invstd) * xhat_scale -
+    run_offset``, ``(N, C)`` rows one value at a time: ``(x - hi) * invstd``
+    (``xhat`` but for the mean's rounding, which is in the offset) is formed
+    first so that no factor leaves the range (``invstd**2`` is subnormal in
+    float32 for a standard deviation above 1e19). ``dx`` may be ``dy`` or
+    ``x``. ``stream``: ``(N, C)`` rows are written with non-temporal stores.
     """
     if x.shape[2] == 1:
         if not folded:
@@ -966,11 +1039,11 @@ def _slab_grad_input(dy, x, start, stop, params, folded, stream, dx):
         else:
             _grad_input_vectors(dy, x, groups_stop, stop, params, stream, dx, VECTOR_BYTES)
     elif address(dx) == address(dy):
-        _grad_input_runs(dx, x, start, stop, params, dx)  # in place: one array for LLVM (``inline_jit``)
+        _grad_input_runs(dx, x, start, stop, params, folded, dx)  # in place: one array for LLVM (``inline_jit``)
     elif address(dx) == address(x):
-        _grad_input_runs(dy, dx, start, stop, params, dx)
+        _grad_input_runs(dy, dx, start, stop, params, folded, dx)
     else:
-        _grad_input_runs(dy, x, start, stop, params, dx)
+        _grad_input_runs(dy, x, start, stop, params, folded, dx)
 
 
 @jit
@@ -1021,42 +1094,56 @@ def _grad_input_row_groups(dy, x, start, stop, head, params, stream, dx):
 
 @jit
 def _grad_input_values(dy, x, start, stop, params, dx):
-    """``_slab_grad_input`` on ``(N, C)`` rows one value at a time, with the five rows:
+    """``_slab_grad_input`` on ``(N, C)`` rows one value at a time, in the runs' form (six rows):
     where ``xmu_scale`` would leave the dtype's normal range (``grad_params``)."""
-    hi, invstd = params[MEAN_HI], params[INVSTD]
-    dy_scale, xhat_scale, offset = params[DY_SCALE], params[XHAT_SCALE], params[OFFSET]
+    hi, invstd, dy_hi = params[MEAN_HI], params[INVSTD], params[DY_HI]
+    dy_scale, xhat_scale, offset = params[DY_SCALE], params[XHAT_SCALE], params[RUN_OFFSET]
     rows, grad_rows, out_rows = x.reshape(x.shape[:2]), dy.reshape(dy.shape[:2]), dx.reshape(dx.shape[:2])
     for n in range(start, stop):
         for c in range(x.shape[1]):
             xhat = (rows[n, c] - hi[c]) * invstd[c]
-            out_rows[n, c] = grad_rows[n, c] * dy_scale[c] - xhat * xhat_scale[c] - offset[c]
+            out_rows[n, c] = (grad_rows[n, c] - dy_hi[c]) * dy_scale[c] - xhat * xhat_scale[c] - offset[c]
 
 
 @inline_jit
-def _grad_input_runs(dy, x, first, last, params, dx):
-    """``_slab_grad_input`` on runs ``first:last`` (``_units``) of ``(N, C, H, W)`` data, as ``_normalize_runs``."""
-    hi, invstd = params[MEAN_HI], params[INVSTD]
-    dy_scale, xhat_scale, offset = params[DY_SCALE], params[XHAT_SCALE], params[OFFSET]
+def _grad_input_runs(dy, x, first, last, params, folded, dx):
+    """``_slab_grad_input`` on runs ``first:last`` (``_units``) of ``(N, C, H, W)`` data.
+
+    ``folded``: ``invstd * xhat_scale`` as one factor, ``xmu_scale``, as the
+    ``(N, C)`` rows take it: runs of up to ``RUN_VECTORS_MAX`` values in
+    explicit vectors (``run_grad_input_folded``), longer ones in LLVM's loop,
+    as ``_normalize_runs``. Otherwise the two factors apart, in explicit
+    vectors whatever the run's length (``run_grad_input``): LLVM's loop,
+    compiled with ``reassoc``, had hoisted ``invstd * xhat_scale`` out of that
+    form, the product that leaves the range, and runs of 4000 float32 values
+    at a spread of 1e30 came out 1-3 % off.
+    """
+    hi, invstd, dy_hi = params[MEAN_HI], params[INVSTD], params[DY_HI]
+    dy_scale, xhat_scale, xmu_scale, offset = params[DY_SCALE], params[XHAT_SCALE], params[XMU_SCALE], params[RUN_OFFSET]
     features, inner = x.shape[1], x.shape[2]
-    n, c = first // features, first % features
-    if _run_vectors(x):
-        flat_dy, flat_x, flat_dx = dy.reshape(-1), x.reshape(-1), dx.reshape(-1)
-        for start in range(first * inner, last * inner, inner):
-            run_grad_input(flat_dx, start, start + inner, flat_dy, flat_x, hi[c], invstd[c], dy_scale[c], xhat_scale[c], offset[c])
-            c = c + 1 if c + 1 < features else 0
+    if inner == 0:
         return
-    for _ in range(first, last):
-        centre, scale = hi[c], invstd[c]
-        a, b, d = dy_scale[c], xhat_scale[c], offset[c]
-        run = x[n, c]
-        grad_run = dy[n, c]
-        out_run = dx[n, c]
-        for i in range(x.shape[2]):
-            out_run[i] = grad_run[i] * a - (run[i] - centre) * scale * b - d
-        c += 1
-        if c == features:
-            c = 0
-            n += 1
+    n, c = first // features, first % features
+    if folded and not _run_vectors(x):
+        for _ in range(first, last):
+            centre, grad_centre, a, b, d = hi[c], dy_hi[c], dy_scale[c], xmu_scale[c], offset[c]
+            run = x[n, c]
+            grad_run = dy[n, c]
+            out_run = dx[n, c]
+            for i in range(inner):
+                out_run[i] = (grad_run[i] - grad_centre) * a - (run[i] - centre) * b - d
+            c += 1
+            if c == features:
+                c = 0
+                n += 1
+        return
+    flat_dy, flat_x, flat_dx = dy.reshape(-1), x.reshape(-1), dx.reshape(-1)
+    for start in range(first * inner, last * inner, inner):
+        if folded:
+            run_grad_input_folded(flat_dx, start, start + inner, flat_dy, flat_x, hi[c], dy_hi[c], dy_scale[c], xmu_scale[c], offset[c])
+        else:
+            run_grad_input(flat_dx, start, start + inner, flat_dy, flat_x, hi[c], invstd[c], dy_hi[c], dy_scale[c], xhat_scale[c], offset[c])
+        c = c + 1 if c + 1 < features else 0
 
 
 @jit
@@ -1227,6 +1314,13 @@ def _largest(a):
     return 3.4028234663852886e38 if a.itemsize == 4 else 1.7976931348623157e308
 
 
+@inline_jit
+def _split_limit(a):
+    """Below this ``|mean(dy)|`` (rounded to ``a``'s dtype) ``dy - dy_hi`` cannot overflow for a finite
+    ``dy``: half a unit in the last place of the dtype's largest binade, halved again."""
+    return 2.0**102 if a.itemsize == 4 else 2.0**969
+
+
 @jit
 def _grad_column(c, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, params):
     """Column ``c`` of ``grad_params``'s rows.
@@ -1242,15 +1336,31 @@ def _grad_column(c, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, params):
     other ``(N, C)`` shapes 0.95-0.99 and 0.93-1.00. Returns whether that
     product kept to the dtype's normal range, or came from a NaN, an infinity
     or a zero, which the two factors carry the same way.
+
+    The runs of ``(N, C, H, W)`` data (and the ``(N, C)`` values where
+    ``xmu_scale`` leaves the range) split ``mean(dy)`` as the mean of ``x`` is
+    split: ``(dy - dy_hi) * dy_scale - xhat * xhat_scale - run_offset``, with
+    ``dy_hi`` the mean rounded to the dtype and its rounding error in
+    ``run_offset``. Their constants are one scalar a run, so the split costs a
+    subtraction a value and no load. Without it, a ``dy`` whose mean dwarfs its
+    spread (``1e4 + N(0, 1)`` in float32) cancels ``dy * dy_scale`` against an
+    offset rounded at the mean's scale: 2.7e-4 of the largest ``|dx|`` (1.3e-7
+    with the split), where PyTorch's float32 ``dy - mean(dy)`` gives 2.5e-4. (The
+    ``(N, C)`` rows keep four rows, a fifth being a load a vector: there the same
+    ``dy`` gives 2.6-3.9e-4, PyTorch 0.9e-3 to 3.3e-3.) ``dy_hi`` is zero for a mean of
+    ``SPLIT_LIMIT`` or more, where ``dy - dy_hi`` could overflow, and for a NaN.
     """
     params[MEAN_HI, c] = mean[c]
     lo = mean[c] - params[MEAN_HI, c]
     dy_scale = gamma[c] * invstd[c]
     xhat_scale = dy_scale * sum_dy_xhat[c] / count
+    mean_dy = sum_dy[c] / count
     params[DY_SCALE, c] = dy_scale
     params[INVSTD, c] = invstd[c]
     params[XHAT_SCALE, c] = xhat_scale
-    params[OFFSET, c] = dy_scale * sum_dy[c] / count - (lo * invstd[c]) * xhat_scale
+    params[OFFSET, c] = dy_scale * mean_dy - (lo * invstd[c]) * xhat_scale
+    params[DY_HI, c] = mean_dy if abs(mean_dy) < _split_limit(params) else 0.0
+    params[RUN_OFFSET, c] = dy_scale * (mean_dy - params[DY_HI, c]) - (lo * invstd[c]) * xhat_scale
     xmu_scale = invstd[c] * xhat_scale
     params[XMU_SCALE, c] = xmu_scale
     # Whether xmu_scale, rounded to the dtype, stands for the two factors: not where
@@ -1285,27 +1395,35 @@ def _by_channels(outer, features, inner, chunks):
 
 
 @inline_jit
-def _channel_runs(dy, x, c, params, training, dx):
-    """``_slab_grad_input`` (``training``) or ``_slab_scale`` on the runs ``x[:, c]`` of channel ``c``."""
-    hi, invstd = params[MEAN_HI, c], params[INVSTD, c]
-    dy_scale, xhat_scale, offset = params[DY_SCALE, c], params[XHAT_SCALE, c], params[OFFSET, c]
+def _channel_runs(dy, x, c, params, training, folded, dx):
+    """``_slab_grad_input`` (``training``) or ``_slab_scale`` on the runs ``x[:, c]`` of channel ``c``,
+    value for value as ``_grad_input_runs`` (``folded``: this channel's) and ``_scale_runs``."""
+    hi, invstd, dy_hi = params[MEAN_HI, c], params[INVSTD, c], params[DY_HI, c]
+    dy_scale, xhat_scale, xmu_scale, offset = params[DY_SCALE, c], params[XHAT_SCALE, c], params[XMU_SCALE, c], params[RUN_OFFSET, c]
     features, inner = x.shape[1], x.shape[2]
-    if _run_vectors(x):  # as _grad_input_runs and _scale_runs, value for value
-        flat_dy, flat_x, flat_dx = dy.reshape(-1), x.reshape(-1), dx.reshape(-1)
-        for start in range(c * inner, x.shape[0] * features * inner, features * inner):
-            if training:
-                run_grad_input(flat_dx, start, start + inner, flat_dy, flat_x, hi, invstd, dy_scale, xhat_scale, offset)
-            else:
-                run_scale(flat_dx, start, start + inner, flat_dy, dy_scale)
+    flat_dy, flat_x, flat_dx = dy.reshape(-1), x.reshape(-1), dx.reshape(-1)
+    if inner == 0:
         return
-    for n in range(x.shape[0]):
-        grad_run = dy[n, c]
-        out_run = dx[n, c]
-        if training:
+    if training and folded and not _run_vectors(x):
+        for n in range(x.shape[0]):
             run = x[n, c]
-            for i in range(x.shape[2]):
-                out_run[i] = grad_run[i] * dy_scale - (run[i] - hi) * invstd * xhat_scale - offset
-        else:  # x is not read: a NaN in it cannot reach dx
+            grad_run = dy[n, c]
+            out_run = dx[n, c]
+            for i in range(inner):
+                out_run[i] = (grad_run[i] - dy_hi) * dy_scale - (run[i] - hi) * xmu_scale - offset
+    elif training:
+        for start in range(c * inner, x.shape[0] * features * inner, features * inner):
+            if folded:
+                run_grad_input_folded(flat_dx, start, start + inner, flat_dy, flat_x, hi, dy_hi, dy_scale, xmu_scale, offset)
+            else:
+                run_grad_input(flat_dx, start, start + inner, flat_dy, flat_x, hi, invstd, dy_hi, dy_scale, xhat_scale, offset)
+    elif _run_vectors(x):
+        for start in range(c * inner, x.shape[0] * features * inner, features * inner):
+            run_scale(flat_dx, start, start + inner, flat_dy, dy_scale)
+    else:  # x is not read: a NaN in it cannot reach dx
+        for n in range(x.shape[0]):
+            grad_run = dy[n, c]
+            out_run = dx[n, c]
             for i in range(x.shape[2]):
                 out_run[i] = grad_run[i] * dy_scale
 
@@ -1323,13 +1441,13 @@ def _channels_backward(dy, x, first, last, mean, invstd, gamma, training, sum_dy
         sum_dy_xhat[c] = 0.0
         _runs_grad_sums(dy, x, ZERO, x.shape[0], c, c + 1, mean, sum_dy, sum_dy_xhat)
         sum_dy_xhat[c] *= invstd[c]
-        _grad_column(c, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, params)
+        folded = _grad_column(c, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, params)
         if address(dx) == address(dy):
-            _channel_runs(dx, x, c, params, training, dx)  # in place: one array for LLVM (``inline_jit``)
+            _channel_runs(dx, x, c, params, training, folded, dx)  # in place: one array for LLVM (``inline_jit``)
         elif address(dx) == address(x):
-            _channel_runs(dy, dx, c, params, training, dx)
+            _channel_runs(dy, dx, c, params, training, folded, dx)
         else:
-            _channel_runs(dy, x, c, params, training, dx)
+            _channel_runs(dy, x, c, params, training, folded, dx)
 
 
 @parallel_jit

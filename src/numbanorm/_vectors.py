@@ -164,9 +164,16 @@ def _normalized(b, x, hi, scale, shift):
     return b.fadd(b.fmul(b.fsub(x, hi, flags=_FLAGS), scale, flags=_FLAGS), shift, flags=_FLAGS)
 
 
-def _input_gradient(b, dy, x, hi, invstd, dy_scale, xhat_scale, offset):
+def _input_gradient(b, dy, x, hi, invstd, dy_hi, dy_scale, xhat_scale, offset):
     xhat = b.fmul(b.fsub(x, hi, flags=_FLAGS), invstd, flags=_FLAGS)
-    scaled = b.fsub(b.fmul(dy, dy_scale, flags=_FLAGS), b.fmul(xhat, xhat_scale, flags=_FLAGS), flags=_FLAGS)
+    centred = b.fsub(dy, dy_hi, flags=_FLAGS)
+    scaled = b.fsub(b.fmul(centred, dy_scale, flags=_FLAGS), b.fmul(xhat, xhat_scale, flags=_FLAGS), flags=_FLAGS)
+    return b.fsub(scaled, offset, flags=_FLAGS)
+
+
+def _folded_run_gradient(b, dy, x, hi, dy_hi, dy_scale, xmu_scale, offset):
+    centred = b.fsub(dy, dy_hi, flags=_FLAGS)
+    scaled = b.fsub(b.fmul(centred, dy_scale, flags=_FLAGS), b.fmul(b.fsub(x, hi, flags=_FLAGS), xmu_scale, flags=_FLAGS), flags=_FLAGS)
     return b.fsub(scaled, offset, flags=_FLAGS)
 
 
@@ -326,9 +333,18 @@ def run_normalize(typingctx, y, start, stop, x, hi, scale, shift):
 
 
 @intrinsic
-def run_grad_input(typingctx, dx, start, stop, dy, x, hi, invstd, dy_scale, xhat_scale, offset):
-    """``dx[start:stop] = dy * dy_scale - ((x - hi) * invstd) * xhat_scale - offset`` over one run, as ``run_normalize``."""
-    return types.void(dx, start, stop, dy, x, hi, invstd, dy_scale, xhat_scale, offset), _run_op(2, _input_gradient)
+def run_grad_input(typingctx, dx, start, stop, dy, x, hi, invstd, dy_hi, dy_scale, xhat_scale, offset):
+    """``dx[start:stop] = (dy - dy_hi) * dy_scale - ((x - hi) * invstd) * xhat_scale - offset`` over one run, as ``run_normalize``."""
+    signature = types.void(dx, start, stop, dy, x, hi, invstd, dy_hi, dy_scale, xhat_scale, offset)
+    return signature, _run_op(2, _input_gradient)
+
+
+@intrinsic
+def run_grad_input_folded(typingctx, dx, start, stop, dy, x, hi, dy_hi, dy_scale, xmu_scale, offset):
+    """``dx[start:stop] = (dy - dy_hi) * dy_scale - (x - hi) * xmu_scale - offset`` over one run, as ``run_normalize``:
+    ``run_grad_input`` with ``invstd * xhat_scale`` as one factor, where it is in the dtype's range."""
+    signature = types.void(dx, start, stop, dy, x, hi, dy_hi, dy_scale, xmu_scale, offset)
+    return signature, _run_op(2, _folded_run_gradient)
 
 
 @intrinsic

@@ -385,10 +385,13 @@ def batch_norm_stats(x, *, axis=1):
     >>> mean, var
     (array([ 2., 20.]), array([  1., 100.]))
     """
-    count, mean, m2 = _partial_stats(x, axis)
-    if count == 0:
+    x3 = _stats_input(x, axis)
+    if x3.shape[0] * x3.shape[2] == 0:
         raise ValueError(f"x must have at least 1 value per feature, got shape {np.shape(x)}")
-    return mean, m2 / count
+    mean = np.empty(x3.shape[1])
+    var = np.empty(x3.shape[1])
+    _kernels.batch_stats(x3, _chunks(x3.nbytes), mean, var)
+    return mean, var
 
 
 def batch_norm_partial_stats(x, *, axis=1):
@@ -427,11 +430,15 @@ def batch_norm_partial_stats(x, *, axis=1):
     return np.full(mean.shape, count), mean, m2
 
 
-def _partial_stats(x, axis):
+def _stats_input(x, axis):
+    """``x`` checked and viewed as ``(N, C, H*W)`` in the dtype the kernels compute in."""
     x = _data(x, "x")
     axis = _feature_axis(axis, x)
-    transposed = _transposes(x)
-    x3 = _to_3d(x, axis, transposed, _compute_dtype(x.dtype))
+    return _to_3d(x, axis, _transposes(x), _compute_dtype(x.dtype))
+
+
+def _partial_stats(x, axis):
+    x3 = _stats_input(x, axis)
     features = x3.shape[1]
     mean = np.empty(features)
     m2 = np.empty(features)
