@@ -539,13 +539,29 @@ def partial_stats(x, chunks, mean, m2):
         m2[:] = 0.0
         for t in range(chunks):
             count = chan_merge(count, mean, m2, slab_count[t], slab_mean[t], slab_m2[t])
-    for c in range(features):
-        if not (np.isfinite(mean[c]) and np.isfinite(m2[c])):
-            finite, scaled_mean, scaled_m2 = _rescaled_stats(x, c, count)
-            if finite:  # NaN and inf data keep what the blocks gave
-                mean[c] = math.ldexp(scaled_mean, SCALE_BITS)
-                m2[c] = math.ldexp(scaled_m2, 2 * SCALE_BITS)
+    if not (_finite(mean) and _finite(m2)):
+        for c in range(features):
+            if not (np.isfinite(mean[c]) and np.isfinite(m2[c])):
+                finite, scaled_mean, scaled_m2 = _rescaled_stats(x, c, count)
+                if finite:  # NaN and inf data keep what the blocks gave
+                    mean[c] = math.ldexp(scaled_mean, SCALE_BITS)
+                    m2[c] = math.ldexp(scaled_m2, 2 * SCALE_BITS)
     return count
+
+
+@inline_jit
+def _finite(a):
+    """Whether every value of the 1-D ``a`` is finite: a sum of ``a * 0``, NaN where one is not.
+
+    One loop LLVM vectorizes, where a test and a branch per feature cost the
+    training forward of 256x256 float32 a tenth of its time. (The kernels'
+    fast-math flags allow reassociation and contraction only: ``a * 0`` is not
+    folded to zero.)
+    """
+    total = 0.0
+    for c in range(a.shape[0]):
+        total += a[c] * 0.0
+    return total == 0.0
 
 
 # The statistics of features whose float64 values overflow the blocks' arithmetic
@@ -594,12 +610,13 @@ def batch_stats(x, chunks, mean, var):
     from ``_rescaled_stats``. Returns the number of values per feature.
     """
     count = partial_stats(x, chunks, mean, var)
-    for c in range(var.shape[0]):
-        var[c] /= count
-        if np.isfinite(mean[c]) and not np.isfinite(var[c]):
-            finite, _, scaled_m2 = _rescaled_stats(x, c, count)
-            if finite:
-                var[c] = math.ldexp(scaled_m2 / count, 2 * SCALE_BITS)
+    var /= count
+    if not _finite(var):
+        for c in range(var.shape[0]):
+            if np.isfinite(mean[c]) and not np.isfinite(var[c]):
+                finite, _, scaled_m2 = _rescaled_stats(x, c, count)
+                if finite:
+                    var[c] = math.ldexp(scaled_m2 / count, 2 * SCALE_BITS)
     return count
 
 
@@ -913,12 +930,14 @@ def forward_train(x, gamma, beta, eps, chunks, stream, y, mean, var, invstd):
     count = batch_stats(x, chunks, mean, var)
     for c in range(var.shape[0]):
         invstd[c] = 1.0 / np.sqrt(var[c] + eps)
-        if np.isfinite(mean[c]) and not np.isfinite(var[c]):
-            # A variance beyond float64 (deviations near 1e154 and up) still has an
-            # invstd within it: SCALE_DOWN / sqrt(var * SCALE_DOWN**2).
-            finite, _, scaled_m2 = _rescaled_stats(x, c, count)
-            if finite:
-                invstd[c] = math.ldexp(1.0 / np.sqrt(scaled_m2 / count + math.ldexp(eps, -2 * SCALE_BITS)), -SCALE_BITS)
+    if not _finite(var):
+        for c in range(var.shape[0]):
+            if np.isfinite(mean[c]) and not np.isfinite(var[c]):
+                # A variance beyond float64 (deviations near 1e154 and up) still has an
+                # invstd within it: SCALE_DOWN / sqrt(var * SCALE_DOWN**2).
+                finite, _, scaled_m2 = _rescaled_stats(x, c, count)
+                if finite:
+                    invstd[c] = math.ldexp(1.0 / np.sqrt(scaled_m2 / count + math.ldexp(eps, -2 * SCALE_BITS)), -SCALE_BITS)
     params = new_params(FORWARD_ROWS, x, y)
     normalize_params(mean, invstd, gamma, beta, params)
     normalize(x, params, chunks, stream, y)
