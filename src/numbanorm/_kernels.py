@@ -601,7 +601,7 @@ def _rescaled_stats(x, c, count):
     return finite, mean, m2
 
 
-@jit
+@inline_jit  # a function of its own cost the forward's cold compile 0.7 s
 def batch_stats(x, chunks, mean, var):
     """Per-feature mean and biased variance of ``x`` (at least one value a feature) into ``mean``/``var``.
 
@@ -610,7 +610,8 @@ def batch_stats(x, chunks, mean, var):
     from ``_rescaled_stats``. Returns the number of values per feature.
     """
     count = partial_stats(x, chunks, mean, var)
-    var /= count
+    for c in range(var.shape[0]):  # not ``var /= count``: an array expression compiles for a second
+        var[c] /= count
     if not _finite(var):
         for c in range(var.shape[0]):
             if np.isfinite(mean[c]) and not np.isfinite(var[c]):
@@ -1437,29 +1438,26 @@ def _channel_runs(dy, x, c, params, training, folded, dx):
     hi, dy_hi = params[MEAN_HI, c], params[DY_HI, c]
     dy_scale, xmu_scale, offset = params[DY_SCALE, c], params[XMU_SCALE, c], params[RUN_OFFSET, c]
     features, inner = x.shape[1], x.shape[2]
-    flat_dy, flat_x, flat_dx = dy.reshape(-1), x.reshape(-1), dx.reshape(-1)
-    if inner == 0:
+    if training and not folded:
+        _unfolded_channel_runs(dy, x, c, params, dx)
         return
-    if training and folded and not _run_vectors(x):
-        for n in range(x.shape[0]):
+    if _run_vectors(x):
+        flat_dy, flat_x, flat_dx = dy.reshape(-1), x.reshape(-1), dx.reshape(-1)
+        for start in range(c * inner, x.shape[0] * features * inner, features * inner):
+            if training:
+                run_grad_input_folded(flat_dx, start, start + inner, flat_dy, flat_x, hi, dy_hi, dy_scale, xmu_scale, offset)
+            else:
+                run_scale(flat_dx, start, start + inner, flat_dy, dy_scale)
+        return
+    for n in range(x.shape[0]):
+        grad_run = dy[n, c]
+        out_run = dx[n, c]
+        if training:
             run = x[n, c]
-            grad_run = dy[n, c]
-            out_run = dx[n, c]
             for i in range(inner):
                 out_run[i] = (grad_run[i] - dy_hi) * dy_scale - (run[i] - hi) * xmu_scale - offset
-    elif training and folded:
-        for start in range(c * inner, x.shape[0] * features * inner, features * inner):
-            run_grad_input_folded(flat_dx, start, start + inner, flat_dy, flat_x, hi, dy_hi, dy_scale, xmu_scale, offset)
-    elif training:
-        _unfolded_channel_runs(dy, x, c, params, dx)
-    elif _run_vectors(x):
-        for start in range(c * inner, x.shape[0] * features * inner, features * inner):
-            run_scale(flat_dx, start, start + inner, flat_dy, dy_scale)
-    else:  # x is not read: a NaN in it cannot reach dx
-        for n in range(x.shape[0]):
-            grad_run = dy[n, c]
-            out_run = dx[n, c]
-            for i in range(x.shape[2]):
+        else:  # x is not read: a NaN in it cannot reach dx
+            for i in range(inner):
                 out_run[i] = grad_run[i] * dy_scale
 
 
@@ -1469,6 +1467,8 @@ def _unfolded_channel_runs(dy, x, c, params, dx):
     hi, invstd, dy_hi = params[MEAN_HI, c], params[INVSTD, c], params[DY_HI, c]
     dy_scale, xhat_scale, offset = params[DY_SCALE, c], params[XHAT_SCALE, c], params[RUN_OFFSET, c]
     features, inner = x.shape[1], x.shape[2]
+    if inner == 0:
+        return
     flat_dy, flat_x, flat_dx = dy.reshape(-1), x.reshape(-1), dx.reshape(-1)
     for start in range(c * inner, x.shape[0] * features * inner, features * inner):
         run_grad_input(flat_dx, start, start + inner, flat_dy, flat_x, hi, invstd, dy_hi, dy_scale, xhat_scale, offset)
