@@ -731,16 +731,30 @@ def test_float64_whose_squares_overflow_still_normalizes(spread, shape, path):
     eps = 1e-5
     ref_mean, ref_var = reference.stats(x * SCALE_DOWN)
     ref_y = reference.forward(x * SCALE_DOWN, eps=eps * SCALE_DOWN**2)[0]
+    features = shape[1]
+    running_mean, running_var = np.zeros(features), np.ones(features)
+    nan_x = x.copy()
+    nan_x[-1, 0] = np.nan  # the last row: the features beside it are taken again all the way
     with kernel_path(path):
         mean, var = numbanorm.batch_norm_stats(x)
-        y, forward_mean, invstd = numbanorm.batch_norm_forward(x, eps=eps)
+        y, forward_mean, invstd = numbanorm.batch_norm_forward(
+            x, eps=eps, running_mean=running_mean, running_var=running_var
+        )
+        nan_y = numbanorm.batch_norm_forward(nan_x, eps=eps)[0]
     assert np.all(np.abs(mean * SCALE_DOWN - ref_mean) <= 1e-12 * np.sqrt(ref_var)), (mean, ref_mean)
     np.testing.assert_array_equal(forward_mean, mean)
+    count = x.size // features
     with np.errstate(over="ignore"):
         expected_var = ref_var / SCALE_DOWN / SCALE_DOWN
+        # The unbiased variance's running average, near the largest float64 for a spread of 1e154.
+        expected_running_var = 0.9 + 0.1 * count / (count - 1) * ref_var / SCALE_DOWN / SCALE_DOWN
     np.testing.assert_allclose(var, expected_var, rtol=1e-12)  # inf where the variance is beyond float64
     np.testing.assert_allclose(invstd, SCALE_DOWN / np.sqrt(ref_var + eps * SCALE_DOWN**2), rtol=1e-12)
     assert_close(y, ref_y, np.float64)
+    np.testing.assert_allclose(running_mean * SCALE_DOWN, 0.1 * ref_mean, rtol=1e-12, atol=1e-12 * np.sqrt(ref_var).max())
+    np.testing.assert_allclose(running_var, expected_running_var, rtol=1e-12)
+    assert np.isnan(nan_y[:, 0]).all()
+    assert_close(nan_y[:, 1:], ref_y[:, 1:], np.float64)  # the NaN stays in its feature
 
 
 @pytest.mark.parametrize("path", ["serial", "parallel"])

@@ -539,13 +539,13 @@ def partial_stats(x, chunks, mean, m2):
         m2[:] = 0.0
         for t in range(chunks):
             count = chan_merge(count, mean, m2, slab_count[t], slab_mean[t], slab_m2[t])
-    if not (_finite(mean) and _finite(m2)):
-        for c in range(features):
-            if not (np.isfinite(mean[c]) and np.isfinite(m2[c])):
-                finite, scaled_mean, scaled_m2 = _rescaled_stats(x, c, count)
-                if finite:  # NaN and inf data keep what the blocks gave
-                    mean[c] = math.ldexp(scaled_mean, SCALE_BITS)
-                    m2[c] = math.ldexp(scaled_m2, 2 * SCALE_BITS)
+    if x.itemsize == 8 and not (_finite(mean) and _finite(m2)):
+        wanted = _not_finite(mean, m2)
+        finite, scaled_mean, scaled_m2 = _rescaled_stats(x, count, wanted)
+        for j in range(wanted.shape[0]):
+            if finite[j]:  # NaN and inf data keep what the blocks gave
+                mean[wanted[j]] = math.ldexp(scaled_mean[j], SCALE_BITS)
+                m2[wanted[j]] = math.ldexp(scaled_m2[j], 2 * SCALE_BITS)
     return count
 
 
@@ -573,31 +573,80 @@ SCALE_DOWN = 2.0**-SCALE_BITS
 
 
 @jit
-def _rescaled_stats(x, c, count):
-    """``(finite, mean * SCALE_DOWN, m2 * SCALE_DOWN**2)`` of feature ``c``, two passes over its values times ``SCALE_DOWN``.
+def _not_finite(mean, m2):
+    """The features (an int64 index array) whose ``mean`` or ``m2`` is not finite."""
+    wanted = np.empty(mean.shape[0], dtype=np.int64)
+    k = 0
+    for c in range(mean.shape[0]):
+        if not (np.isfinite(mean[c]) and np.isfinite(m2[c])):
+            wanted[k] = c
+            k += 1
+    return wanted[:k]
 
-    float64 values whose deviations from a block's first value pass about
-    1.3e154 overflow the sums of squares, and values of opposite signs near
-    the largest float64 their differences; ``partial_stats`` then had an inf
-    or NaN mean or m2 for finite data. (float32 data do not: their deviations
-    are formed and squared in float64.) The scaling is exact but for values
-    below about 1e-127, which weigh nothing beside such deviations. ``finite``:
-    whether every value of the feature is finite (the others keep the blocks'
-    NaN or inf). A slow pass over one feature, only for data that need it.
+
+@jit
+def _overflowed(mean, var):
+    """The features (an int64 index array) whose ``var`` is not finite while their ``mean`` is."""
+    wanted = np.empty(mean.shape[0], dtype=np.int64)
+    k = 0
+    for c in range(mean.shape[0]):
+        if np.isfinite(mean[c]) and not np.isfinite(var[c]):
+            wanted[k] = c
+            k += 1
+    return wanted[:k]
+
+
+@jit
+def _rescaled_stats(x, count, wanted):
+    """``(finite, mean * SCALE_DOWN, m2 * SCALE_DOWN**2)`` of the float64 features ``wanted``, from their values times ``SCALE_DOWN``.
+
+    Values whose deviations from a block's first value pass about 1.3e154
+    overflow the sums of squares, and values of opposite signs near the
+    largest float64 their differences: ``partial_stats`` then had an inf or
+    NaN mean or m2 for finite data. (float32 data cannot: their deviations are
+    formed and squared in float64.) The scaling is exact but for values below
+    about 1e-127, which weigh nothing beside such deviations. Two passes in the
+    data's order, over the wanted features only. ``finite``: whether every
+    value of the feature is finite; NaN and inf data, which also give a
+    non-finite mean or m2, are not taken further (their mean and m2 are left
+    unset), and the first pass stops where every wanted feature has shown one.
     """
-    total = 0.0
-    finite = True
+    k = wanted.shape[0]
+    finite = np.ones(k, dtype=np.bool_)
+    mean = np.zeros(k)
+    m2 = np.zeros(k)
+    left = k
+    inner = x.shape[2]
     for n in range(x.shape[0]):
-        for i in range(x.shape[2]):
-            value = x[n, c, i]
-            finite &= np.isfinite(value)
-            total += value * SCALE_DOWN
-    mean = total / count
-    m2 = 0.0
+        if left == 0:
+            break
+        for j in range(k):
+            if finite[j]:
+                c = wanted[j]
+                total = 0.0
+                check = 0.0  # NaN once a value is not finite (as ``_finite``): a loop LLVM vectorizes
+                for i in range(inner):  # x[n, c, i], not a view of the run: a view a value costs more than the value
+                    total += x[n, c, i] * SCALE_DOWN
+                    check += x[n, c, i] * 0.0
+                if check == 0.0:
+                    mean[j] += total
+                else:
+                    finite[j] = False
+                    left -= 1
+    if left == 0:
+        return finite, mean, m2
+    for j in range(k):
+        mean[j] /= count
     for n in range(x.shape[0]):
-        for i in range(x.shape[2]):
-            deviation = x[n, c, i] * SCALE_DOWN - mean
-            m2 += deviation * deviation
+        for j in range(k):
+            if finite[j]:
+                c = wanted[j]
+                centre = mean[j]
+                squares = 0.0
+                for i in range(inner):
+                    deviation = x[n, c, i] * SCALE_DOWN - centre
+                    squares += deviation * deviation
+                m2[j] += squares
     return finite, mean, m2
 
 
@@ -612,12 +661,12 @@ def batch_stats(x, chunks, mean, var):
     count = partial_stats(x, chunks, mean, var)
     for c in range(var.shape[0]):  # not ``var /= count``: an array expression compiles for a second
         var[c] /= count
-    if not _finite(var):
-        for c in range(var.shape[0]):
-            if np.isfinite(mean[c]) and not np.isfinite(var[c]):
-                finite, _, scaled_m2 = _rescaled_stats(x, c, count)
-                if finite:
-                    var[c] = math.ldexp(scaled_m2 / count, 2 * SCALE_BITS)
+    if x.itemsize == 8 and not _finite(var):
+        wanted = _overflowed(mean, var)
+        finite, _, scaled_m2 = _rescaled_stats(x, count, wanted)
+        for j in range(wanted.shape[0]):
+            if finite[j]:
+                var[wanted[j]] = math.ldexp(scaled_m2[j] / count, 2 * SCALE_BITS)
     return count
 
 
@@ -931,14 +980,15 @@ def forward_train(x, gamma, beta, eps, chunks, stream, y, mean, var, invstd):
     count = batch_stats(x, chunks, mean, var)
     for c in range(var.shape[0]):
         invstd[c] = 1.0 / np.sqrt(var[c] + eps)
-    if not _finite(var):
-        for c in range(var.shape[0]):
-            if np.isfinite(mean[c]) and not np.isfinite(var[c]):
-                # A variance beyond float64 (deviations near 1e154 and up) still has an
-                # invstd within it: SCALE_DOWN / sqrt(var * SCALE_DOWN**2).
-                finite, _, scaled_m2 = _rescaled_stats(x, c, count)
-                if finite:
-                    invstd[c] = math.ldexp(1.0 / np.sqrt(scaled_m2 / count + math.ldexp(eps, -2 * SCALE_BITS)), -SCALE_BITS)
+    if x.itemsize == 8 and not _finite(var):
+        # A variance beyond float64 (deviations near 1e154 and up) still has an invstd
+        # within it: SCALE_DOWN / sqrt(var * SCALE_DOWN**2).
+        wanted = _overflowed(mean, var)
+        finite, _, scaled_m2 = _rescaled_stats(x, count, wanted)
+        for j in range(wanted.shape[0]):
+            if finite[j]:
+                scaled_var = scaled_m2[j] / count + math.ldexp(eps, -2 * SCALE_BITS)
+                invstd[wanted[j]] = math.ldexp(1.0 / np.sqrt(scaled_var), -SCALE_BITS)
     params = new_params(FORWARD_ROWS, x, y)
     normalize_params(mean, invstd, gamma, beta, params)
     normalize(x, params, chunks, stream, y)
@@ -954,15 +1004,18 @@ def inference(x, running_mean, running_var, eps, gamma, beta, chunks, stream, y,
 
 
 @jit
-def update_running(running_mean, running_var, mean, var, momentum, count):
+def update_running(running_mean, running_var, mean, var, momentum, var_weight):
     """``running = (1 - momentum) * running + momentum * batch``, in float64 before the store.
 
-    ``var`` is the batch's biased variance; ``running_var`` takes the unbiased one.
+    ``var`` is the batch's biased variance; ``running_var`` takes the unbiased one,
+    with ``var_weight = momentum * count / (count - 1)`` (computed by the caller:
+    given ``momentum`` and ``count`` apart, LLVM's reassociation formed
+    ``momentum * count * var`` first, which overflows for a variance near the
+    largest float64, ``_rescaled_stats``'s).
     """
-    unbiased = count / (count - 1)
     for c in range(mean.shape[0]):
         running_mean[c] = (1.0 - momentum) * running_mean[c] + momentum * mean[c]
-        running_var[c] = (1.0 - momentum) * running_var[c] + momentum * var[c] * unbiased
+        running_var[c] = (1.0 - momentum) * running_var[c] + var_weight * var[c]
 
 
 # --- backward ---------------------------------------------------------------------------
@@ -1381,10 +1434,10 @@ def _grad_column(c, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, params):
     ``run_offset``. Their constants are one scalar a run, so the split costs a
     subtraction a value and no load. Without it, a ``dy`` whose mean dwarfs its
     spread (``1e4 + N(0, 1)`` in float32) cancels ``dy * dy_scale`` against an
-    offset rounded at the mean's scale: 2.7e-4 of the largest ``|dx|`` (1.3e-7
-    with the split), where PyTorch's float32 ``dy - mean(dy)`` gives 2.5e-4. (The
+    offset rounded at the mean's scale: 2.7e-4 of the largest ``|dx|`` (0.7-1.3e-7
+    with the split), where PyTorch's float32 ``dy - mean(dy)`` gives 1.9-2.6e-4. (The
     ``(N, C)`` rows keep four rows, a fifth being a load a vector: there the same
-    ``dy`` gives 2.6-3.9e-4, PyTorch 0.9e-3 to 3.3e-3.) ``dy_hi`` stops at
+    ``dy`` gives 2.1-4.1e-4, PyTorch 0.7e-3 to 3.6e-3.) ``dy_hi`` stops at
     ``_split_limit``, beyond which ``dy - dy_hi`` could overflow.
     """
     params[MEAN_HI, c] = mean[c]

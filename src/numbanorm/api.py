@@ -696,7 +696,8 @@ def _update_running(running_mean, running_var, mean, var, momentum, count):
         running_mean[...] = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * mean
         running_var[...] = (1.0 - momentum) * running_var.astype(np.float64) + momentum * var * (count / (count - 1))
     else:  # plain ndarray views, as for ``out`` (``_output``)
-        _kernels.update_running(np.asarray(running_mean), np.asarray(running_var), mean, var, momentum, count)
+        var_weight = momentum * (count / (count - 1))  # one factor: _kernels.update_running
+        _kernels.update_running(np.asarray(running_mean), np.asarray(running_var), mean, var, momentum, var_weight)
 
 
 def _gradient_inputs(dy, x, axis):
