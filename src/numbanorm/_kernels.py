@@ -651,22 +651,28 @@ def _rescaled_stats(x, count, wanted):
 
 
 @inline_jit  # a function of its own cost the forward's cold compile 0.7 s
-def batch_stats(x, chunks, mean, var):
-    """Per-feature mean and biased variance of ``x`` (at least one value a feature) into ``mean``/``var``.
+def batch_stats(x, chunks, eps, mean, var, invstd):
+    """Per-feature mean, biased variance and ``invstd = 1 / sqrt(var + eps)`` of ``x`` (at least one
+    value a feature) into ``mean``/``var``/``invstd``.
 
-    ``partial_stats``, then ``m2 / count``; where m2 overflowed but the
-    variance does not (float64 deviations near 1e154 and up), the variance
-    from ``_rescaled_stats``. Returns the number of values per feature.
+    ``partial_stats``, then ``m2 / count``. Where m2 overflowed (float64
+    deviations near 1e154 and up), the variance and ``invstd`` come from
+    ``_rescaled_stats``'s scaled m2: the variance may still be beyond float64
+    (inf), its ``invstd`` is not. Returns the number of values per feature.
     """
     count = partial_stats(x, chunks, mean, var)
     for c in range(var.shape[0]):  # not ``var /= count``: an array expression compiles for a second
         var[c] /= count
+        invstd[c] = 1.0 / np.sqrt(var[c] + eps)
     if x.itemsize == 8 and not _finite(var):
         wanted = _overflowed(mean, var)
         finite, _, scaled_m2 = _rescaled_stats(x, count, wanted)
         for j in range(wanted.shape[0]):
             if finite[j]:
-                var[wanted[j]] = math.ldexp(scaled_m2[j] / count, 2 * SCALE_BITS)
+                c = wanted[j]
+                scaled_var = scaled_m2[j] / count  # var * SCALE_DOWN**2
+                var[c] = math.ldexp(scaled_var, 2 * SCALE_BITS)
+                invstd[c] = math.ldexp(1.0 / np.sqrt(scaled_var + math.ldexp(eps, -2 * SCALE_BITS)), -SCALE_BITS)
     return count
 
 
@@ -977,18 +983,7 @@ def forward_train(x, gamma, beta, eps, chunks, stream, y, mean, var, invstd):
     ``stream``: see ``normalize``.
     Returns the number of values per feature.
     """
-    count = batch_stats(x, chunks, mean, var)
-    for c in range(var.shape[0]):
-        invstd[c] = 1.0 / np.sqrt(var[c] + eps)
-    if x.itemsize == 8 and not _finite(var):
-        # A variance beyond float64 (deviations near 1e154 and up) still has an invstd
-        # within it: SCALE_DOWN / sqrt(var * SCALE_DOWN**2).
-        wanted = _overflowed(mean, var)
-        finite, _, scaled_m2 = _rescaled_stats(x, count, wanted)
-        for j in range(wanted.shape[0]):
-            if finite[j]:
-                scaled_var = scaled_m2[j] / count + math.ldexp(eps, -2 * SCALE_BITS)
-                invstd[wanted[j]] = math.ldexp(1.0 / np.sqrt(scaled_var), -SCALE_BITS)
+    count = batch_stats(x, chunks, eps, mean, var, invstd)
     params = new_params(FORWARD_ROWS, x, y)
     normalize_params(mean, invstd, gamma, beta, params)
     normalize(x, params, chunks, stream, y)

@@ -46,8 +46,7 @@ def _data(a, name):
     """``a`` as an ndarray of float16/32/64 (integers and bools become float64)."""
     if type(a) is np.ndarray and (a.dtype is _FLOAT32 or a.dtype is _FLOAT64):
         return a  # the common case, checked in a fraction of the time (small arrays feel it)
-    _refuse_masked(a, name)
-    a = _as_array(a, name)
+    a = _unmasked_array(a, name)
     kind = a.dtype.kind
     # A copy is Fortran-ordered only when ``a`` is (order "A"), as the kernels' own copies are.
     if kind == "f" and a.dtype.itemsize <= 8:
@@ -81,6 +80,12 @@ def _as_array(a, name):
         return np.asarray(a)
     except ValueError as error:
         raise ValueError(f"{name} does not convert to an array: {error}") from None
+
+
+def _unmasked_array(a, name):
+    """``_as_array(a, name)`` of an input that is read: not a masked array with masked values."""
+    _refuse_masked(a, name)
+    return _as_array(a, name)
 
 
 def _feature_axis(axis, x):
@@ -130,8 +135,7 @@ def _per_feature(v, name, features, float32=False):
                 return v
         if v.dtype is _FLOAT32:
             return v.astype(np.float64)  # a new C-contiguous, aligned array
-    _refuse_masked(v, name)
-    v = _as_array(v, name)
+    v = _unmasked_array(v, name)
     if v.dtype.kind not in "biuf":
         raise TypeError(f"{name} must hold real numbers, got dtype {v.dtype}")
     if v.shape != (features,):
@@ -388,9 +392,8 @@ def batch_norm_stats(x, *, axis=1):
     x3 = _stats_input(x, axis)
     if x3.shape[0] * x3.shape[2] == 0:
         raise ValueError(f"x must have at least 1 value per feature, got shape {np.shape(x)}")
-    mean = np.empty(x3.shape[1])
-    var = np.empty(x3.shape[1])
-    _kernels.batch_stats(x3, _chunks(x3.nbytes), mean, var)
+    mean, var, invstd = np.empty(x3.shape[1]), np.empty(x3.shape[1]), np.empty(x3.shape[1])
+    _kernels.batch_stats(x3, _chunks(x3.nbytes), 0.0, mean, var, invstd)  # invstd: scratch
     return mean, var
 
 
@@ -517,8 +520,7 @@ def _stats_triple(part, name):
         raise ValueError(f"{name} must be a (count, mean, m2) triple, got {len(part)} items")
     arrays = []
     for member, array in zip(("count", "mean", "m2"), part):
-        _refuse_masked(array, f"{name}'s {member}")
-        array = _as_array(array, f"{name}'s {member}")
+        array = _unmasked_array(array, f"{name}'s {member}")
         if array.dtype.kind not in "biuf":  # as ``_per_feature``
             raise TypeError(f"{name}'s {member} must hold real numbers, got dtype {array.dtype}")
         arrays.append(array.astype(np.float64, copy=False))

@@ -47,8 +47,7 @@ def _array(a, name):
     its feature axis: the kernels parallelize an in-memory array themselves.
     """
     if not isinstance(a, da.Array):
-        api._refuse_masked(a, name)
-        a = da.from_array(api._as_array(a, name), chunks=-1)
+        a = da.from_array(api._unmasked_array(a, name), chunks=-1)
     if a.dtype.kind not in "biuf" or a.dtype.itemsize > 8:
         raise TypeError(
             f"{name} must hold real numbers (float16, float32, float64, integer or bool), got dtype {a.dtype}"

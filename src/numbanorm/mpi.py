@@ -181,12 +181,6 @@ def allreduce_stats(stats, comm=None):
     return api.merge_stats(parts)
 
 
-def _summand(a, name):
-    """``a`` as an array for ``allreduce_sum``: not one with masked values, which a sum would take in."""
-    api._refuse_masked(a, name)
-    return api._as_array(a, name)
-
-
 def allreduce_sum(arrays, comm=None):
     """Sum each of ``arrays`` over the ranks, in rank order, so that every rank gets the same bits.
 
@@ -210,7 +204,7 @@ def allreduce_sum(arrays, comm=None):
     [array([1., 2.]), array(3)]
     """
     comm = _communicator(comm)
-    parts = allgather_checked(lambda: [_summand(a, f"arrays[{i}]") for i, a in enumerate(arrays)], comm)
+    parts = allgather_checked(lambda: [api._unmasked_array(a, f"arrays[{i}]") for i, a in enumerate(arrays)], comm)
     shapes = [[np.shape(a) for a in part] for part in parts]
     if any(s != shapes[0] for s in shapes):
         raise ValueError(f"arrays must have the same shapes on every rank; got {shapes} on ranks 0..{comm.size - 1}")
