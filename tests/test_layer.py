@@ -103,6 +103,18 @@ def test_backward_matches_the_reference_and_fills_gradients(training, shape, axi
     assert layer.gradients()["weight"] is layer.dgamma
 
 
+def test_a_layer_without_parameters_has_no_parameter_gradients():
+    layer = numbanorm.BatchNorm(5, affine=False, dtype=np.float64)
+    x = batch(2, dtype=np.float64)
+    dy = np.random.default_rng(2).normal(size=x.shape)
+    layer.forward(x)
+    dx = layer.backward(dy)
+    _, mean, invstd, _, _ = reference.forward(x)
+    ref_dx, _, _ = reference.backward(dy, x, mean, invstd)
+    np.testing.assert_allclose(dx, ref_dx, rtol=1e-9, atol=1e-12)
+    assert layer.dgamma is None and layer.dbeta is None and layer.gradients() == {}
+
+
 def test_backward_without_running_statistics_in_eval_mode_goes_through_the_batch_statistics():
     # Such a layer normalizes with the batch's statistics in either mode, so its backward
     # is the training one, whose dx depends on those statistics (not dy * gamma * invstd).
@@ -118,6 +130,17 @@ def test_backward_without_running_statistics_in_eval_mode_goes_through_the_batch
     np.testing.assert_allclose(dx, ref_dx, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(layer.dgamma, ref_dgamma, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(layer.dbeta, ref_dbeta, rtol=1e-9, atol=1e-12)
+
+
+def test_calling_the_layer_runs_a_subclass_forward():
+    # As a PyTorch module's call does: a subclass that overrides forward gets it called.
+    class Scaled(numbanorm.BatchNorm):
+        def forward(self, x, training=None):
+            return 2 * super().forward(x, training)
+
+    x = batch(1)
+    np.testing.assert_array_equal(Scaled(5)(x), 2 * numbanorm.BatchNorm(5)(x))
+    np.testing.assert_array_equal(Scaled(5)(x, training=False), 2 * numbanorm.BatchNorm(5).forward(x, training=False))
 
 
 def test_backward_before_forward_raises():
@@ -178,6 +201,9 @@ def test_a_value_out_of_the_layers_range_raises_instead_of_becoming_inf(dtype):
         ("num_batches_tracked", "3", TypeError),
         ("num_batches_tracked", np.array(-1), ValueError),  # momentum=None would divide by 0
         ("num_batches_tracked", np.uint64(2**63), ValueError),  # state_dict() could not save it as int64
+        ("num_batches_tracked", 2**64, ValueError),  # a Python int NumPy holds as an object
+        ("num_batches_tracked", -(2**63) - 1, ValueError),
+        ("num_batches_tracked", True, TypeError),
         ("bias", [[1.0], [2.0, 3.0], [4.0], [5.0], [6.0]], ValueError),  # ragged: NumPy's message names nothing
     ],
 )

@@ -37,7 +37,8 @@ class BatchNorm:
         The parameters (``None`` when not ``affine``).
     dgamma, dbeta : ndarray or None
         Their gradients, filled by :meth:`backward`, in ``dtype`` (float32 for
-        float16, whose range a sum over a batch overflows).
+        float16, whose range a sum over a batch overflows); ``None`` until then,
+        and always when not ``affine``.
     running_mean, running_var : ndarray or None
     num_batches_tracked : int
     training : bool
@@ -191,7 +192,9 @@ class BatchNorm:
         self._saved = (x, mean, invstd, use_batch_stats)
         return y
 
-    __call__ = forward
+    def __call__(self, x, training=None):
+        """``self.forward(x, training)``: a subclass's own ``forward`` is what a call runs, as in PyTorch."""
+        return self.forward(x, training)
 
     def __getstate__(self):
         """Pickles and copies leave out what the last forward kept for the backward (its input)."""
@@ -235,9 +238,10 @@ class BatchNorm:
         dx, dgamma, dbeta = self._functional_backward(
             dy, x, mean, invstd, self.gamma, axis=self.axis, training=use_batch_stats
         )
-        # In the parameters' dtype, but float32 for float16, whose range a sum over a batch overflows.
-        self.dgamma = dgamma.astype(_compute_dtype(self.dtype), copy=False)
-        self.dbeta = dbeta.astype(_compute_dtype(self.dtype), copy=False)
+        if self.affine:  # without parameters there are no gradients to keep (``gradients()`` is empty)
+            # In the parameters' dtype, but float32 for float16, whose range a sum over a batch overflows.
+            self.dgamma = dgamma.astype(_compute_dtype(self.dtype), copy=False)
+            self.dbeta = dbeta.astype(_compute_dtype(self.dtype), copy=False)
         # The functional backward promotes: a float64 dy would give a float32 input a float64 dx.
         return dx if dx.dtype == x.dtype else dx.astype(x.dtype)
 
@@ -369,10 +373,12 @@ class BatchNorm:
             arrays[name] = _state_value(state[name], prefix + name, (self.num_features,), self.dtype)
         if "num_batches_tracked" in state:
             key = prefix + "num_batches_tracked"
-            batches = np.asarray(state["num_batches_tracked"])
-            if batches.shape != () or batches.dtype.kind not in "iu":
-                raise TypeError(f"state[{key!r}] must be an integer, got {state['num_batches_tracked']!r}")
-            batches = int(batches)
+            batches = state["num_batches_tracked"]
+            if not (isinstance(batches, int) and not isinstance(batches, bool)):  # NumPy holds a Python int past int64 as an object
+                batches = np.asarray(batches)
+                if batches.shape != () or batches.dtype.kind not in "iu":
+                    raise TypeError(f"state[{key!r}] must be an integer, got {state['num_batches_tracked']!r}")
+                batches = int(batches)
             if not 0 <= batches <= np.iinfo(np.int64).max:  # state_dict() saves it as int64, as PyTorch does
                 raise ValueError(f"state[{key!r}] must be in [0, 2**63 - 1], got {batches}")
         for name, value in arrays.items():
