@@ -1,6 +1,7 @@
 """The functional API against the float64 reference, over shapes, dtypes, layouts and values."""
 
 import contextlib
+from fractions import Fraction
 
 import numba
 import numpy as np
@@ -849,6 +850,32 @@ def test_an_outlying_first_value_keeps_the_statistics_exact(dtype, shape, axis, 
     np.testing.assert_allclose(var, ref_var, rtol=1e-9)
 
 
+# (70000, 4): nine blocks a slab; (8, 3, 64, 64): a block of a few rows' runs; (64, 8, 8, 3): super-rows.
+@pytest.mark.parametrize("shape, axis", [((70000, 4), 1), ((8, 3, 64, 64), 1), ((64, 8, 8, 3), -1)])
+@pytest.mark.parametrize("path", ["serial", "parallel"])
+def test_float64_statistics_keep_their_digits_far_from_zero(shape, axis, path):
+    # float64 values at 2**33 (8.6e9) with a spread of about 2: their blocks' means are
+    # rounded at 2**33's spacing, 1.9e-6, and Chan's merge takes their differences, so a
+    # merge of absolute means lost eight digits of the variance (1e-8 relative, where NumPy
+    # loses three). The values are exact quarters, whose mean and variance are exact
+    # fractions: the oracle is exact, where float64 NumPy would not be.
+    quarters = np.random.default_rng(6).integers(-8, 9, size=shape)
+    x = 2.0**33 + quarters / 4
+    features = x.shape[axis]
+    per_feature = np.moveaxis(quarters, axis, -1).reshape(-1, features)
+    with kernel_path(path):
+        mean, var = numbanorm.batch_norm_stats(x, axis=axis)
+        count, partial_mean, m2 = numbanorm.batch_norm_partial_stats(x, axis=axis)
+    for c in range(features):
+        k = [int(v) for v in per_feature[:, c]]
+        n = len(k)
+        exact_mean = 2**33 + Fraction(sum(k), 4 * n)
+        exact_var = (Fraction(sum(v * v for v in k), n) - Fraction(sum(k), n) ** 2) / 16
+        assert mean[c] == partial_mean[c] == float(exact_mean)
+        assert count[c] == n
+        np.testing.assert_allclose([var[c], m2[c] / n], float(exact_var), rtol=1e-14)
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("position", ["first", "middle"])  # "first": the block statistics' shift
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -882,6 +909,60 @@ def test_nan_or_inf_stays_in_its_feature(bad, position, dtype, path, shape, axis
     assert_gradient_close(np.delete(dx, 2, axis=axis), ref_dx, dtype, gradient_scale(dy_clean, x_clean, mean[clean], invstd[clean], axis=axis))
     assert_close(dgamma[clean], ref_dgamma, dtype, scale=feature_sums(dy_clean, axis))
     assert_close(dbeta[clean], ref_dbeta, dtype, scale=feature_sums(dy_clean, axis))
+
+
+@pytest.mark.parametrize("bad", [(np.inf,), (-np.inf, -np.inf), (np.inf, -np.inf), (np.inf, np.nan)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("path", ["serial", "parallel"])
+@pytest.mark.parametrize("shape, axis", [((200, 4), 1), ((9, 4, 6, 6), 1), ((9, 6, 4), -1), ((70000, 4), 1)])
+def test_the_mean_of_a_feature_with_infinities_is_numpys(bad, dtype, path, shape, axis):
+    # ±inf, or NaN for infinities of both signs, wherever they lie: a block's first value
+    # (the blocks' shift), a slab's, or elsewhere. The blocks and Chan's merge gave NaN
+    # for some places of one inf (inf - inf), and merge_stats depended on the parts' order.
+    rng = np.random.default_rng(len(bad))
+    x = (3 + rng.normal(size=shape)).astype(dtype)
+    feature = np.moveaxis(x, axis, 0)[2]  # a view
+    for value in bad:
+        feature.flat[rng.integers(feature.size)] = value
+    feature.flat[0] = bad[0]
+    with np.errstate(invalid="ignore"):  # inf - inf
+        expected = np.asarray(feature, np.float64).mean()
+    running_mean, running_var = np.zeros(4), np.ones(4)
+    with kernel_path(path):
+        mean, var = numbanorm.batch_norm_stats(x, axis=axis)
+        numbanorm.batch_norm_forward(x, axis=axis, running_mean=running_mean, running_var=running_var)
+        halves = np.array_split(x, 2, axis=0)
+        parts = [numbanorm.batch_norm_partial_stats(half, axis=axis) for half in halves]
+    np.testing.assert_array_equal(mean[2], expected)
+    assert np.isnan(var[2]) and np.isnan(running_var[2])
+    np.testing.assert_array_equal(running_mean[2], 0.1 * expected)
+    for ordered in (parts, parts[::-1]):
+        _, merged_mean, merged_m2 = numbanorm.merge_stats(ordered)
+        np.testing.assert_array_equal(merged_mean[2], expected)
+        assert np.isnan(merged_m2[2])
+    ref_mean, ref_var = reference.stats(np.delete(x, 2, axis=axis), axis)
+    np.testing.assert_allclose(mean[[0, 1, 3]], ref_mean, rtol=1e-9)
+    np.testing.assert_allclose(var[[0, 1, 3]], ref_var, rtol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("mean", [np.inf, -np.inf, 1e39])
+def test_an_infinite_running_mean_gives_infinite_values(dtype, mean):
+    # x - mean is ∓inf, as in the float64 reference and PyTorch: the split of the mean into
+    # hi and lo gave inf - inf (1e39 is inf in float32, and beyond float32's range x - 1e39 is too).
+    x = np.array([[1.0, 2.0], [2.0, 5.0], [-3.0, 0.5]], dtype)
+    running_mean, running_var = np.array([mean, 0.5]), np.array([4.0, 2.0])
+    gamma, beta = np.array([2.0, 1.0]), np.array([0.5, -1.0])
+    y, _, _ = numbanorm.batch_norm_forward(x, gamma, beta, training=False, running_mean=running_mean, running_var=running_var)
+    ref_y = reference.forward(x, gamma, beta, training=False, running_mean=running_mean, running_var=running_var)[0]
+    with np.errstate(over="ignore"):
+        expected = ref_y[:, 0].astype(dtype)
+    if np.isinf(expected).all():
+        np.testing.assert_array_equal(y[:, 0], expected)
+    else:  # 1e39 is a float64: x - 1e39 is finite there
+        assert dtype is np.float64 and mean == 1e39
+        assert_close(y[:, 0], ref_y[:, 0], dtype)
+    assert_close(y[:, 1], ref_y[:, 1], dtype)
 
 
 @st.composite

@@ -18,9 +18,10 @@ passes. Statistics and sums accumulate in float64 whatever the
 input dtype; the mean and variance come from one pass over each block that
 sums the deviations from the block's first value of the feature and their
 squares, corrected to the block's mean and squared deviations (``_corrected``),
-then merged block by block with Chan's update, so the input is read once from
-memory and converted to float64 once. ``E[x**2] - E[x]**2`` never appears: the
-shift is a data value, which bounds the cancellation. The element-wise passes
+then merged block by block with Chan's update (the means less each feature's
+first value, ``_origin``), so the input is read once from memory and converted
+to float64 once. ``E[x**2] - E[x]**2`` never appears: the shift is a data
+value, which bounds the cancellation. The element-wise passes
 run ``(N, C)`` rows as one flat range of explicit vectors (``_vectors.py``;
 wide rows in groups, ``_row_groups``), stored plainly or, when
 ``api.py`` asks for it on large arrays (``stream``), with non-temporal stores.
@@ -221,6 +222,13 @@ def chan_merge(count, mean, m2, other_count, other_mean, other_m2):
     ``count`` values with per-feature ``mean`` and ``m2`` (sum of squared
     deviations) absorb ``other_count`` values with ``other_mean``/``other_m2``.
     Returns the merged count.
+
+    Where ``mean + delta * weight`` is not finite (an infinite mean makes
+    ``delta`` inf or NaN, and means of opposite signs near the largest float64
+    overflow it) the mean is the weighted sum of the two instead, as NumPy's
+    mean of the values would be: ±inf, or NaN for infinities of both signs. A
+    select, not a branch: the loop stays vectorized. (The m2 of an infinite
+    mean is NaN already, as its block's is.)
     """
     if other_count == 0:
         return count
@@ -229,8 +237,9 @@ def chan_merge(count, mean, m2, other_count, other_mean, other_m2):
     cross = count * weight
     for c in range(mean.shape[0]):
         delta = other_mean[c] - mean[c]
-        mean[c] += delta * weight
+        update = mean[c] + delta * weight
         m2[c] += other_m2[c] + delta * delta * cross
+        mean[c] = update if abs(update) < np.inf else mean[c] * (1.0 - weight) + other_mean[c] * weight
     return total
 
 
@@ -253,12 +262,13 @@ def _opaque_one(n):
 
 
 @jit
-def _block_stats(x, rows_start, rows_stop, features_start, features_stop, block_mean, block_m2):
-    """Mean and m2 of one block: rows ``rows_start:rows_stop``, features ``features_start:features_stop``.
+def _block_stats(x, rows_start, rows_stop, features_start, features_stop, origin, block_mean, block_m2):
+    """Mean (less ``origin``, one value per feature of the block) and m2 of one block: rows
+    ``rows_start:rows_stop``, features ``features_start:features_stop``.
 
     One pass, from each feature's first value in the block (``shift``): the sums
     of the deviations ``d = x - shift`` and of their squares, in float64, give
-    ``mean = shift + S1 / n`` and ``m2 = S2 - S1**2 / n`` (the corrected two-pass
+    ``mean - origin = (shift - origin) + S1 / n`` and ``m2 = S2 - S1**2 / n`` (the corrected two-pass
     algorithm of Chan, Golub and LeVeque, 1983, with the shift as its first pass).
     This is not ``E[x**2] - E[x]**2``: the subtraction magnifies the relative
     rounding error of ``S2 = m2 + n * (shift - mean)**2`` by ``S2 / m2``, and
@@ -266,7 +276,10 @@ def _block_stats(x, rows_start, rows_stop, features_start, features_stop, block_
     that factor is at most ``n + 1`` whatever the data's offset (``E[x**2]``'s
     grows with the offset squared). The tests check the variance at a relative
     1e-9 against float64 NumPy on data at 1e4 with a spread of 1e-3 and an
-    outlying first value. A constant feature gives ``S1 = S2 = 0``: its value
+    outlying first value. An infinite or NaN first value shifts by 0 instead
+    (its rows' sums are taken again, ``_column_sums``): the sums then carry the
+    infinities as NumPy's would, ±inf, or NaN for both signs, where ``x - inf``
+    would have made every sum NaN. A constant feature gives ``S1 = S2 = 0``: its value
     back exactly, and ``m2 = 0``. One pass instead of two halves the float32 ->
     float64 conversions, which bound the statistics of float32 data in cache.
     The loops index from zero (row slices, ``j``): an offset index such as
@@ -313,7 +326,12 @@ def _block_stats(x, rows_start, rows_stop, features_start, features_stop, block_
                 block_m2[j] += deviation * deviation
         count = rows_stop - rows_start
         for j in range(width):
-            block_mean[j], block_m2[j] = _corrected(np.float64(first[j]), count, block_mean[j], block_m2[j])
+            block_mean[j], block_m2[j] = _corrected(np.float64(first[j]), origin[j], count, block_mean[j], block_m2[j])
+        if not _finite(first):  # rare, and a branch in the loop above would stop its vectors
+            for j in range(width):
+                if not abs(first[j]) < np.inf:  # the sums again, from 0 (the docstring)
+                    total, squares = _column_sums(rows, rows_start, rows_stop, features_start + j)
+                    block_mean[j], block_m2[j] = _corrected(0.0, origin[j], count, total, squares)
     else:
         # Runs of four rows at a time, as the rows above: a run is often too short a loop
         # for its set-up and the reduction of its vector accumulators (``QUAD_RUNS_MAX``).
@@ -321,7 +339,7 @@ def _block_stats(x, rows_start, rows_stop, features_start, features_stop, block_
         quad_stop = rows_start + (rows_stop - rows_start) // 4 * 4
         for j in range(width):
             feature = features_start + j
-            shift = np.float64(x[rows_start, feature, 0])
+            shift = _finite_or_zero(np.float64(x[rows_start, feature, 0]))
             total = 0.0
             squares = 0.0
             for n in range(rows_start, quad_stop, 4):
@@ -336,14 +354,32 @@ def _block_stats(x, rows_start, rows_stop, features_start, features_stop, block_
                     deviation = run[i] - shift
                     total += deviation
                     squares += deviation * deviation
-            block_mean[j], block_m2[j] = _corrected(shift, count, total, squares)
+            block_mean[j], block_m2[j] = _corrected(shift, origin[j], count, total, squares)
 
 
 @jit
-def _corrected(shift, count, total, squares):
-    """Mean and m2 of ``count`` values from the sums of their deviations from ``shift`` and of their squares."""
+def _column_sums(rows, rows_start, rows_stop, c):
+    """The sums of ``rows[rows_start:rows_stop, c]`` and of its squares, in float64."""
+    total = 0.0
+    squares = 0.0
+    for n in range(rows_start, rows_stop):
+        value = np.float64(rows[n, c])
+        total += value
+        squares += value * value
+    return total, squares
+
+
+@inline_jit
+def _finite_or_zero(value):
+    """``value``, or 0 where it is infinite or NaN: a shift or an origin that leaves NumPy's mean of inf data inf."""
+    return value if abs(value) < np.inf else 0.0
+
+
+@jit
+def _corrected(shift, origin, count, total, squares):
+    """Mean (less ``origin``) and m2 of ``count`` values from the sums of their deviations from ``shift`` and of their squares."""
     m2 = squares - total * (total / count)
-    return shift + total / count, (0.0 if m2 < 0.0 else m2)  # m2 < 0: rounding; a NaN stays
+    return (shift - origin) + total / count, (0.0 if m2 < 0.0 else m2)  # m2 < 0: rounding; a NaN stays
 
 
 @jit
@@ -408,23 +444,26 @@ def _tiled(v, k):
 
 
 @jit
-def _slab_stats(x, start, stop, chunks, mean, m2, scratch):
+def _slab_stats(x, start, stop, chunks, origin, mean, m2, scratch):
     """Count, mean and m2 of rows ``start:stop`` of ``x``, written into ``mean``/``m2``.
 
     Narrow rows are read as super-rows (``_super_rows``): the statistics of
     the ``k * features`` super-features, each Chan's update of its own, fold
     into the features' at the end, with the rows left over after the last
-    super-row. ``scratch`` is 4 rows of at least ``max(features, FEATURE_TILE)``;
+    super-row. ``scratch`` is 5 rows of at least ``max(features, FEATURE_TILE)``;
     ``chunks``: how many slabs the call shares the rows among.
     """
     outer, features, inner = x.shape
     k = _super_rows(stop - start, features, inner, STATS_SUPER_MIN_ROWS, chunks)
     if k == 1:
-        return _blocked_stats(x, start, stop, ZERO, features, mean, m2, scratch[0], scratch[1])
+        return _blocked_stats(x, start, stop, ZERO, features, origin, mean, m2, scratch[0], scratch[1])
     width = k * features
     supers = (stop - start) // k
-    wide_mean, wide_m2 = scratch[2, :width], scratch[3, :width]
-    wide_count = _blocked_stats(_super_view(x, start, supers, k), ZERO, supers, ZERO, width, wide_mean, wide_m2, scratch[0], scratch[1])
+    wide_mean, wide_m2, wide_origin = scratch[2, :width], scratch[3, :width], scratch[4, :width]
+    for q in range(k):
+        for c in range(features):
+            wide_origin[q * features + c] = origin[c]
+    wide_count = _blocked_stats(_super_view(x, start, supers, k), ZERO, supers, ZERO, width, wide_origin, wide_mean, wide_m2, scratch[0], scratch[1])
     count = 0.0
     mean[:] = 0.0
     m2[:] = 0.0
@@ -434,13 +473,13 @@ def _slab_stats(x, start, stop, chunks, mean, m2, scratch):
     tail = start + supers * k
     if tail < stop:
         tail_mean, tail_m2 = scratch[0, :features], scratch[1, :features]
-        _block_stats(x, tail, stop, ZERO, features, tail_mean, tail_m2)
+        _block_stats(x, tail, stop, ZERO, features, origin, tail_mean, tail_m2)
         count = chan_merge(count, mean, m2, float(stop - tail), tail_mean, tail_m2)
     return count
 
 
 @jit
-def _blocked_stats(x, start, stop, features_start, features_stop, mean, m2, block_mean, block_m2):
+def _blocked_stats(x, start, stop, features_start, features_stop, origin, mean, m2, block_mean, block_m2):
     """``_slab_stats`` block by block, for features ``features_start:features_stop`` of ``mean``/``m2``.
 
     Chan's update folds each block's statistics into the slab's. The slab is cut
@@ -468,7 +507,7 @@ def _blocked_stats(x, start, stop, features_start, features_stop, mean, m2, bloc
             tile_stop = min(tile_start + tile, features_stop)
             tile_mean = block_mean[tile_start:tile_stop]
             tile_m2 = block_m2[tile_start:tile_stop]
-            _block_stats(x, block_start, block_stop, tile_start, tile_stop, tile_mean, tile_m2)
+            _block_stats(x, block_start, block_stop, tile_start, tile_stop, origin[tile_start:tile_stop], tile_mean, tile_m2)
             chan_merge(count, mean[tile_start:tile_stop], m2[tile_start:tile_stop], block_count, tile_mean, tile_m2)
         count += block_count
     return count
@@ -508,6 +547,23 @@ def _run_vectors(a):
     return 0 < a.shape[2] <= (RUN_VECTORS_MAX_FLOAT64 if a.itemsize == 8 else RUN_VECTORS_MAX)
 
 
+@jit
+def _origin(x, origin):
+    """Each feature's first value (zero for a feature with none), in float64, into ``origin[:features]``.
+
+    ``partial_stats``' blocks keep their means less it, and Chan's merges take the
+    differences of those: of values at the spread's scale, not at the offset's.
+    Merged as absolute means, the blocks of float64 data at 2**33 with a spread of
+    about 2 lost eight digits of the variance (their means are rounded at
+    2**33's spacing); NumPy's two passes lose three. An infinite or NaN first
+    value gives 0, as for the blocks' shifts (``_block_stats``).
+    """
+    outer, features, inner = x.shape
+    for c in range(features):
+        origin[c] = _finite_or_zero(np.float64(x[0, c, 0])) if outer and inner else 0.0
+    return origin[:features]
+
+
 @parallel_jit
 def partial_stats(x, chunks, mean, m2):
     """Per-feature mean and m2 (sum of squared deviations) of ``x`` into ``mean``/``m2``.
@@ -520,17 +576,18 @@ def partial_stats(x, chunks, mean, m2):
     slab_count = np.zeros(chunks)
     slab_mean = np.empty((chunks, features))
     slab_m2 = np.empty((chunks, features))
-    scratch = np.empty((chunks, 4, max(features, FEATURE_TILE)))
+    scratch = np.empty((chunks, 6, max(features, FEATURE_TILE)))  # _slab_stats' five rows, and the origin
+    origin = _origin(x, scratch[0, 5])
     if chunks == 1:  # skip the thread pool: its start-up dominates small arrays
-        slab_count[0] = _slab_stats(x, ZERO, outer, chunks, slab_mean[0], slab_m2[0], scratch[0])
+        slab_count[0] = _slab_stats(x, ZERO, outer, chunks, origin, slab_mean[0], slab_m2[0], scratch[0])
     else:
         for t in prange(chunks):  # one parallel region for both splits: each costs a second of compilation
             if by_features:
                 first, last = _bounds(features, chunks, t)
-                _blocked_stats(x, ZERO, outer, first, last, mean, m2, scratch[t, 0], scratch[t, 1])
+                _blocked_stats(x, ZERO, outer, first, last, origin, mean, m2, scratch[t, 0], scratch[t, 1])
             else:
                 start, stop = _bounds(outer, chunks, t)
-                slab_count[t] = _slab_stats(x, start, stop, chunks, slab_mean[t], slab_m2[t], scratch[t])
+                slab_count[t] = _slab_stats(x, start, stop, chunks, origin, slab_mean[t], slab_m2[t], scratch[t])
     if by_features:
         count = float(outer * inner)
     else:
@@ -539,7 +596,11 @@ def partial_stats(x, chunks, mean, m2):
         m2[:] = 0.0
         for t in range(chunks):
             count = chan_merge(count, mean, m2, slab_count[t], slab_mean[t], slab_m2[t])
-    if x.itemsize == 8 and not (_finite(mean) and _finite(m2)):
+    check = 0.0  # NaN once a mean or m2 is not finite, as in ``_finite``: one loop for both
+    for c in range(features):
+        mean[c] += origin[c]
+        check += mean[c] * 0.0 + m2[c] * 0.0
+    if x.itemsize == 8 and check != 0.0:
         wanted = _not_finite(mean, m2)
         finite, scaled_mean, scaled_m2 = _rescaled_stats(x, count, wanted)
         for j in range(wanted.shape[0]):
@@ -785,6 +846,7 @@ def normalize_params(mean, invstd, gamma, beta, params):
     for c in range(mean.shape[0]):
         params[MEAN_HI, c] = mean[c]
         lo = mean[c] - params[MEAN_HI, c]
+        lo = lo if abs(lo) < np.inf else 0.0  # hi is ±inf (or NaN): x - hi carries it, as x - mean would
         scale = gamma[c] * invstd[c]
         params[SCALE, c] = scale
         params[SHIFT, c] = beta[c] - lo * scale

@@ -541,11 +541,16 @@ def _merge_pair(a, b):
     count_a, mean_a, m2_a = a
     count_b, mean_b, m2_b = b
     count = count_a + count_b
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         weight = np.where(count > 0, count_b / count, 0.0)
         delta = mean_b - mean_a
-        mean = np.where(count_b > 0, mean_a + delta * weight, mean_a)
-        m2 = np.where(count_b > 0, m2_a + m2_b + delta * delta * count_a * weight, m2_a)
+        # As _kernels.chan_merge: the weighted sum where the update is not finite (an infinite
+        # mean), and a NaN m2 beside an infinite mean.
+        update = mean_a + delta * weight
+        update = np.where(np.abs(update) < np.inf, update, mean_a * (1.0 - weight) + mean_b * weight)
+        infinite = np.isinf(mean_a) | np.isinf(mean_b)
+        mean = np.where(count_b > 0, update, mean_a)
+        m2 = np.where(count_b > 0, np.where(infinite, np.nan, m2_a + m2_b + delta * delta * count_a * weight), m2_a)
     mean = np.where(count_a > 0, mean, mean_b)
     m2 = np.where(count_a > 0, m2, m2_b)
     return count, mean, m2
