@@ -1,5 +1,7 @@
 """Mergeable statistics and backward reductions against the float64 reference, over any split."""
 
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -236,3 +238,18 @@ def test_backward_elemt_rejects_a_nonpositive_count():
     x = np.ones((4, 2))
     with pytest.raises(ValueError, match="count"):
         numbanorm.batch_norm_backward_elemt(x, x, np.zeros(2), np.ones(2), None, np.zeros(2), np.zeros(2), 0)
+
+
+def test_the_reductions_of_a_constant_feature_with_eps_0_are_quiet_as_the_backward_is():
+    # invstd is inf there: sum(dy * (x - mean)) * invstd is 0 * inf, NaN in both
+    # functions, and neither may warn (NumPy's multiply did, in backward_reduce).
+    x = np.array([[1.0, 2.0], [1.0, 5.0], [1.0, -1.0]])
+    dy = np.arange(6.0).reshape(3, 2)
+    _, mean, invstd = numbanorm.batch_norm_forward(x, eps=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sum_dy, sum_dy_xhat = numbanorm.batch_norm_backward_reduce(dy, x, mean, invstd)
+        _, dgamma, dbeta = numbanorm.batch_norm_backward(dy, x, mean, invstd)
+    np.testing.assert_array_equal(sum_dy, dbeta)
+    assert np.isnan(sum_dy_xhat[0]) and np.isnan(dgamma[0])
+    np.testing.assert_allclose(sum_dy_xhat[1], dgamma[1], rtol=1e-12)

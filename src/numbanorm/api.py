@@ -613,11 +613,14 @@ def batch_norm_forward(
     TypeError
         Non-real data; ``axis`` is not an integer; ``eps`` or ``momentum`` is
         not a real number; ``training`` is not a bool; a non-array ``out`` or
-        running statistic; wrong ``out`` dtype; a masked array with masked
-        values as ``x``, ``gamma``, ``beta``, ``out`` or a running statistic.
+        running statistic; wrong ``out`` dtype; in training, a running
+        statistic whose dtype is not float16, float32 or float64; a masked
+        array with masked values as ``x``, ``gamma``, ``beta``, ``out`` or a
+        running statistic.
     ValueError
         Wrong shapes; fewer than 2 dimensions; ``eps < 0``; ``momentum``
-        outside [0, 1]; a read-only ``out``; fewer than 2 values per feature
+        outside [0, 1]; a read-only ``out``; in training, a read-only running
+        statistic; fewer than 2 values per feature
         in training; inference without running statistics; in training,
         running statistics that share memory with each other or with ``out``;
         an input that does not convert to an array (a ragged nested list), or
@@ -833,7 +836,8 @@ def batch_norm_backward_reduce(dy, x, mean, invstd, *, axis=1):
     sum_dy = np.empty(features)
     sum_dy_xmu = np.empty(features)
     _kernels.grad_sums(dy3, x3, mean, _chunks(x3.nbytes), sum_dy, sum_dy_xmu)
-    return sum_dy, sum_dy_xmu * invstd
+    with np.errstate(invalid="ignore"):  # 0 * inf, a constant feature's with eps=0: NaN, as batch_norm_backward's
+        return sum_dy, sum_dy_xmu * invstd
 
 
 def batch_norm_backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, *, axis=1, out=None):
