@@ -433,10 +433,11 @@ def _super_view(a, start, supers, k):
 
 
 @jit
-def _tiled(v, k):
-    """``v`` repeated ``k`` times: a per-feature row for super-rows of ``k`` rows."""
+def _tiled(v, k, out):
+    """``v`` repeated ``k`` times into ``out`` (at least ``k * len(v)`` long; returns that
+    part): a per-feature row for super-rows of ``k`` rows."""
     features = v.shape[0]
-    out = np.empty(k * features, dtype=v.dtype)
+    out = out[: k * features]
     for q in range(k):
         for c in range(features):  # not a slice assignment: that compiles for seconds
             out[q * features + c] = v[c]
@@ -459,10 +460,7 @@ def _slab_stats(x, start, stop, chunks, origin, mean, m2, scratch):
         return _blocked_stats(x, start, stop, ZERO, features, origin, mean, m2, scratch[0], scratch[1])
     width = k * features
     supers = (stop - start) // k
-    wide_mean, wide_m2, wide_origin = scratch[2, :width], scratch[3, :width], scratch[4, :width]
-    for q in range(k):
-        for c in range(features):
-            wide_origin[q * features + c] = origin[c]
+    wide_mean, wide_m2, wide_origin = scratch[2, :width], scratch[3, :width], _tiled(origin, k, scratch[4])
     wide_count = _blocked_stats(_super_view(x, start, supers, k), ZERO, supers, ZERO, width, wide_origin, wide_mean, wide_m2, scratch[0], scratch[1])
     count = 0.0
     mean[:] = 0.0
@@ -1387,7 +1385,7 @@ def grad_sums(dy, x, mean, chunks, sum_dy, sum_dy_xmu):
     if chunks == 1 and k == 1:  # straight into the sums: small arrays feel the slabs' allocations
         _slab_grad_sums(dy, x, ZERO, outer, mean, sum_dy, sum_dy_xmu)
         return
-    centre = _tiled(mean, k)
+    centre = _tiled(mean, k, np.empty(k * features))
     slab_dy = np.zeros((chunks, k * features))
     slab_dy_xmu = np.zeros((chunks, k * features))
     if chunks == 1:

@@ -545,7 +545,7 @@ def _merge_pair(a, b):
         weight = np.where(count > 0, count_b / count, 0.0)
         delta = mean_b - mean_a
         # As _kernels.chan_merge: the weighted sum where the update is not finite (an infinite
-        # mean), and a NaN m2 beside an infinite mean.
+        # mean); and beside an infinite mean a NaN m2, as the kernels' blocks give it.
         update = mean_a + delta * weight
         update = np.where(np.abs(update) < np.inf, update, mean_a * (1.0 - weight) + mean_b * weight)
         infinite = np.isinf(mean_a) | np.isinf(mean_b)
