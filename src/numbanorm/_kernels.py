@@ -844,7 +844,7 @@ def normalize_params(mean, invstd, gamma, beta, params):
     for c in range(mean.shape[0]):
         params[MEAN_HI, c] = mean[c]
         lo = mean[c] - params[MEAN_HI, c]
-        lo = lo if abs(lo) < np.inf else 0.0  # hi is ±inf (or NaN): x - hi carries it, as x - mean would
+        lo = _finite_or_zero(lo)  # hi is ±inf (or NaN): x - hi carries it, as x - mean would
         scale = gamma[c] * invstd[c]
         params[SCALE, c] = scale
         params[SHIFT, c] = beta[c] - lo * scale
