@@ -12,7 +12,7 @@ from numpy.exceptions import AxisError
 
 import numbanorm
 import numbanorm.api as api
-from numbanorm import _kernels, _vectors
+from numbanorm import _config, _kernels, _vectors
 import reference
 from checks import assert_backward_close, assert_close, assert_gradient_close, feature_sums, gradient_scale
 from strategies import DTYPES, LAYOUTS, arrays, shapes_and_axes, with_layout
@@ -1298,29 +1298,38 @@ def test_large_narrow_rows_give_the_backward_sums_wider_super_rows(features, dty
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_wide_rows_run_in_groups_and_match(dtype, path):
-    # (N, C) rows of at least WIDE_ROW_BYTES, a whole number of vectors long, run ROWS at a
-    # time through the forward's and the backward's element-wise passes (_kernels._row_groups), in vectors from
-    # the first feature that is aligned in every row: each offset of the output from a
-    # vector boundary moves that feature. Rows one feature wider, and an output whose
-    # address is not a multiple of its itemsize, run as one flat range. The slabs of the
-    # parallel paths have rows left over after their last group. All give the reference,
-    # and the same values.
+    # (N, C) rows whose per-feature rows take more than half of the L1 (FORWARD_GROUP_ROW_BYTES
+    # for the forward's three, GRAD_GROUP_ROW_BYTES for the backward's four), a whole number of
+    # vectors long, run ROWS at a time through the element-wise passes (_kernels._row_groups),
+    # in vectors from the first feature that is aligned in every row: each offset of the output
+    # from a vector boundary moves that feature. Rows one feature wider or one vector narrower,
+    # and an output whose address is not a multiple of its itemsize, run as one flat range.
+    # The slabs of the parallel paths have rows left over after their last group. All give the
+    # reference, and the same values.
     itemsize = np.dtype(dtype).itemsize
     lanes = _vectors.VECTOR_BYTES // itemsize
     rows = 4 * _vectors.ROWS + 3
     rng = np.random.default_rng(itemsize)
-    for features in (_kernels.WIDE_ROW_BYTES // itemsize, _kernels.WIDE_ROW_BYTES // itemsize + 1):
+    thresholds = (_kernels.FORWARD_GROUP_ROW_BYTES, _kernels.GRAD_GROUP_ROW_BYTES)
+    assert thresholds == (_config.L1D_BYTES // 6 + 1, _config.L1D_BYTES // 8 + 1)
+    widths = set()
+    for min_row_bytes in thresholds:
+        grouped = -(-min_row_bytes // _vectors.VECTOR_BYTES) * lanes  # the narrowest grouped row, in features
+        widths |= {grouped, grouped + 1, grouped - lanes}
+    for features in sorted(widths):
         x = (rng.normal(0, 3, size=(rows, features)) + rng.uniform(-1e4, 1e4, features)).astype(dtype)
         gamma, beta = rng.uniform(0.5, 2, features), rng.normal(size=features)
         running = dict(running_mean=rng.normal(size=features), running_var=rng.uniform(0.5, 2, features))
         buffer = np.empty(x.size + lanes, dtype=dtype)
-        grouped = features * itemsize % _vectors.VECTOR_BYTES == 0
+        whole_vectors = features * itemsize % _vectors.VECTOR_BYTES == 0
         outs = []
         for misalignment in range(lanes):  # the output's address, in values past a vector boundary
             start = (misalignment * itemsize - buffer.ctypes.data) % _vectors.VECTOR_BYTES // itemsize
             out = buffer[start : start + x.size].reshape(x.shape)
-            expected_groups = (rows // _vectors.ROWS * _vectors.ROWS, -misalignment % lanes) if grouped else (0, 0)
-            assert _kernels._row_groups(out.reshape(rows, features, 1), 0, rows) == expected_groups
+            for min_row_bytes in thresholds:
+                grouped = whole_vectors and features * itemsize >= min_row_bytes
+                expected_groups = (rows // _vectors.ROWS * _vectors.ROWS, -misalignment % lanes) if grouped else (0, 0)
+                assert _kernels._row_groups(out.reshape(rows, features, 1), 0, rows, min_row_bytes) == expected_groups
             outs.append(out)
         for training in (True, False):
             kwargs = dict(training=training) if training else dict(training=False, **running)
@@ -1333,7 +1342,8 @@ def test_wide_rows_run_in_groups_and_match(dtype, path):
                     numbanorm.batch_norm_forward(x, gamma, beta, out=out, **kwargs)
                     np.testing.assert_array_equal(out, y)
                 unaligned = with_layout(np.full_like(x, np.nan), "unaligned")
-                assert _kernels._row_groups(unaligned.reshape(rows, features, 1), 0, rows) == (0, 0)
+                for min_row_bytes in thresholds:
+                    assert _kernels._row_groups(unaligned.reshape(rows, features, 1), 0, rows, min_row_bytes) == (0, 0)
                 numbanorm.batch_norm_forward(x, gamma, beta, out=unaligned, **kwargs)
                 np.testing.assert_array_equal(unaligned, y)
                 in_place = x.copy()

@@ -196,6 +196,29 @@ def test_the_old_threshold_switch_is_not_ignored_in_silence():
     assert result.stderr.startswith("<string>:1: FutureWarning"), result.stderr  # the caller's import line
 
 
+def test_the_l1_data_cache_size_is_read_from_sysfs(tmp_path):
+    # The row groups' threshold (_kernels._row_groups) scales with one core's L1 data cache, as
+    # Linux lists it: the level-1 Data (or Unified) entry, whichever index it has; 32 KiB where
+    # there is none, or none that reads as a size.
+    from numbanorm._config import _l1d_bytes
+
+    def cache(index, level, kind, size):
+        directory = tmp_path / "cpu0" / "cache" / f"index{index}"
+        directory.mkdir(parents=True)
+        for name, value in (("level", level), ("type", kind), ("size", size)):
+            (directory / name).write_text(f"{value}\n")
+
+    assert _l1d_bytes(str(tmp_path / "cpu0")) == 32768
+    cache(0, 1, "Instruction", "64K")
+    cache(2, 2, "Unified", "1024K")
+    assert _l1d_bytes(str(tmp_path / "cpu0")) == 32768
+    cache(1, 1, "Data", "48K")
+    assert _l1d_bytes(str(tmp_path / "cpu0")) == 48 * 1024
+    assert _l1d_bytes(str(tmp_path / "cpu0"), default=1) == 48 * 1024
+    (tmp_path / "cpu0" / "cache" / "index1" / "size").write_text("lots\n")
+    assert _l1d_bytes(str(tmp_path / "cpu0"), default=12345) == 12345
+
+
 def test_the_kernels_run_under_numba_disable_jit_and_the_callers_functions_stay_python():
     # NUMBA_DISABLE_JIT=1 debugs one's own functions in Python; numbanorm's kernels compile anyway:
     # off the disk cache, so that they do compile here, with the switch set from the environment

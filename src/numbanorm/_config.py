@@ -37,6 +37,11 @@
 Threads: the kernels use ``numba.get_num_threads()``, so ``NUMBA_NUM_THREADS``
 and ``numba.set_num_threads`` (which holds for the thread that calls it) apply as
 for any Numba code.
+
+One fact of the machine is read here too: ``L1D_BYTES``, one core's L1 data
+cache (``_l1d_bytes``), from which the element-wise passes decide which rows
+they read in groups. Kernels loaded from the disk cache keep the value they were
+compiled with; Numba keys that cache on the CPU's name and features.
 """
 
 import contextlib
@@ -82,6 +87,31 @@ def _count(name, default):
 
 PARALLEL_MIN_BYTES = _count("NUMBANORM_PARALLEL_MIN_BYTES", "1048576")
 STREAM_MIN_BYTES = _count("NUMBANORM_STREAM_MIN_BYTES", "33554432")
+
+
+def _l1d_bytes(cpu="/sys/devices/system/cpu/cpu0", default=32768):
+    """One core's L1 data cache in bytes, as Linux's sysfs gives it under ``cpu``; ``default`` where it does not.
+
+    The element-wise passes read wide ``(N, C)`` rows in groups once their
+    per-feature rows take more than half of it (``_kernels._row_groups``).
+    """
+    for index in sorted(glob.glob(os.path.join(cpu, "cache", "index*"))):
+        try:
+            fields = {}
+            for name in ("level", "type", "size"):
+                with open(os.path.join(index, name)) as file:
+                    fields[name] = file.read().strip()
+        except OSError:
+            continue
+        size = fields["size"].upper()
+        scale = {"K": 2**10, "M": 2**20}.get(size[-1:], 1)
+        digits = size[:-1] if scale > 1 else size
+        if fields["level"] == "1" and fields["type"] in ("Data", "Unified") and digits.isdigit() and int(digits):
+            return int(digits) * scale
+    return default
+
+
+L1D_BYTES = _l1d_bytes()
 
 # Whether this process has warned that its kernels are not cached: once is enough.
 _CACHE_WARNED = False

@@ -39,7 +39,7 @@ from numba.core import config as numba_config
 from numba.core.compiler_lock import global_compiler_lock
 from numba.core.cpu import ParallelOptions
 
-from ._config import CACHE, FASTMATH, cache_on_disk
+from ._config import CACHE, FASTMATH, L1D_BYTES, cache_on_disk
 from ._vectors import (
     ROWS,
     VECTOR_BYTES,
@@ -124,9 +124,6 @@ RUN_VECTORS_MAX = 256
 # longer runs went either way (56x56 0.91-0.97 and 0.90-1.05, 112x112 0.97-1.01 and 0.97-1.05).
 # Float32 runs of 20x20 to 112x112 stayed at 0.96-1.04 with them, and stay with LLVM's loop.
 RUN_VECTORS_MAX_FLOAT64 = 1024
-# Rows of at least this many bytes run ROWS at a time through the element-wise passes of
-# the training forward, inference and the training backward (``_row_groups``).
-WIDE_ROW_BYTES = 16384
 # Row and feature indices that start at zero are passed as ``ZERO``, an int64, and not
 # as the literal ``0``: Numba compiles a callee once more for a literal argument
 # (``Literal[int](0)``), which made the cold compile seconds longer.
@@ -757,6 +754,14 @@ MEAN_HI, SCALE, SHIFT = 0, 1, 2  # rows of the forward's ``params``
 DY_SCALE, INVSTD, XHAT_SCALE, OFFSET, XMU_SCALE = 1, 2, 3, 4, 5  # rows of the backward's ``params`` (after MEAN_HI)
 DY_HI, RUN_OFFSET = 6, 7  # the backward's rows for the form of (N, C, H, W) runs (``_grad_column``)
 FORWARD_ROWS, BACKWARD_ROWS = 3, 8
+# How many per-feature rows the backward's (N, C) pass reads (``_grad_input_vectors``):
+# MEAN_HI, DY_SCALE, XMU_SCALE and OFFSET. The forward's pass reads all FORWARD_ROWS.
+GRAD_INPUT_ROWS = 4
+# Rows of at least this many bytes run ROWS at a time through the element-wise passes of
+# the training forward and inference, and of the training backward (``_row_groups``):
+# those whose per-feature rows take more than half of one core's L1 data cache.
+FORWARD_GROUP_ROW_BYTES = L1D_BYTES // (2 * FORWARD_ROWS) + 1
+GRAD_GROUP_ROW_BYTES = L1D_BYTES // (2 * GRAD_INPUT_ROWS) + 1
 # Columns of ``params`` past the last feature, repeating the first ones: a vector
 # of ``(N, C)`` rows that starts at feature ``c`` reads ``params[:, c:c + lanes]`` whole,
 # across the end of the row (``_vector_span``). One wide float32 vector's lanes.
@@ -807,33 +812,44 @@ def _wide_vectors(out):
 
 
 @jit
-def _row_groups(out, start, stop):
+def _row_groups(out, start, stop, min_row_bytes):
     """How rows ``start:stop`` of ``out`` run in groups of ``ROWS``: ``(groups_stop, head)``.
 
     Rows ``start:groups_stop`` run ``ROWS`` at a time (``_normalize_row_groups``,
     ``_grad_input_row_groups``): features ``head:`` in vectors that
     ``vector_normalize_rows`` or ``vector_grad_input_rows`` computes for the
     ``ROWS`` rows from one load of the per-feature rows, the others one value
-    at a time. ``groups_stop == start`` when no rows do. Only rows of at
-    least ``WIDE_ROW_BYTES``: the forward's three per-feature rows then no
-    longer fit in L1 beside the data, and a flat range reads them from L2 with
-    every vector. Only rows a whole number of vectors long, so that feature
-    ``head`` (the first at a 32-byte boundary of the output) is aligned in each
-    row. On the report's machine (A/B in one process, through the API, two
-    runs) the inference of 512x8192, 2048x4096 and 128x32768 arrays took
-    0.79-0.97 of its time as one flat range, their training forward 0.91-0.99.
-    Groups of 8 rows were 4-14 % slower than groups of 4, groups of 2 the same;
-    grouping rows of 4 KB gained nothing, rows of 8 KB went either way (2048x2048
-    float32 inference 1.25x the time, 2048x1024 float64 0.95-1.04x). The
-    backward's pass, with its four per-feature rows, runs in groups too: the
-    training backward of 512x8192 and 256x16384 float32 took 0.885-0.95 of its
-    time, of 512x8192, 128x32768 and 2x1024x1x4096 float64 and float32
-    0.97-0.99 (A/B through the API, medians of 15-21). (An earlier session's
-    groups for the backward, with outputs allocated aligned, gained nothing.)
+    at a time. ``groups_stop == start`` when no rows do. Only rows of at least
+    ``min_row_bytes`` (``FORWARD_GROUP_ROW_BYTES``, ``GRAD_GROUP_ROW_BYTES``):
+    those whose per-feature rows take more than half of the L1 data cache,
+    where a flat range would read them from L2 with every vector. Only rows a
+    whole number of vectors long, so that feature ``head`` (the first at a
+    32-byte boundary of the output) is aligned in each row.
+
+    Measured on two machines, two threads, against one flat range
+    (``docs/performance-notes.md``):
+
+    - a Zen 5 (48 KB L1), through the API, groups from rows of 16 KB: the inference of
+      512x8192, 2048x4096 and 128x32768 took 0.79-0.97 of its time, the
+      training forward 0.91-0.99, the backward of 512x8192 and 256x16384
+      float32 0.885-0.95; rows of 8 KB went either way (2048x2048 float32
+      inference 1.25x, the backward 0.96-1.03x), rows of 4 KB gained nothing;
+    - a Zen 4 (32 KB L1), kernel level: the flat range over rows of 6-12 KB took 1.5-2.1
+      copy times for the normalization and 2.7-3.9 for ``dx``. In groups the
+      normalization of 2730x1536, 2048x2048 and 1365x3072 float32 took
+      0.60-0.79 of that time, of 2048x1024 and 1365x1536 float64 0.65-0.73;
+      their ``dx`` 0.63-0.76 and 0.80-0.88 (through the API, two runs: the
+      training forward 0.80-0.91x, inference 0.73-0.89x, the backward 0.85-0.96x).
+      Rows of 4 KB took 1.05-1.18x in groups (4096x1024 float32, 4096x512
+      float64).
+
+    Half of the L1 draws the line through both machines' measurements. Groups
+    of 8 rows were 4-14 % slower than groups of 4 on the Zen 5 and 15-20 % on
+    the Zen 4, groups of 2 the same as 4.
     """
     itemsize = out.itemsize
     row_bytes = out.shape[1] * itemsize
-    if row_bytes < WIDE_ROW_BYTES or row_bytes % VECTOR_BYTES or address(out) % itemsize:
+    if row_bytes < min_row_bytes or row_bytes % VECTOR_BYTES or address(out) % itemsize:
         return start, 0
     return start + (stop - start) // ROWS * ROWS, -address(out) % VECTOR_BYTES // itemsize
 
@@ -876,7 +892,7 @@ def _slab_normalize(x, start, stop, params, stream, y):
         # The groups are a function of their own, not a loop in _normalize_vectors: there
         # the flat loop ran out of registers and reloaded its output's address from the
         # stack with every vector (float64, in the assembly).
-        groups_stop, head = _row_groups(y, start, stop)
+        groups_stop, head = _row_groups(y, start, stop, FORWARD_GROUP_ROW_BYTES)
         if groups_stop > start:
             _normalize_row_groups(x, start, groups_stop, head, params, stream, y)
         if _wide_vectors(y):
@@ -1159,7 +1175,7 @@ def _slab_grad_input(dy, x, start, stop, params, folded, stream, dx):
         if not folded:
             _grad_input_values(dy, x, start, stop, params, dx)
             return
-        groups_stop, head = _row_groups(dx, start, stop)
+        groups_stop, head = _row_groups(dx, start, stop, GRAD_GROUP_ROW_BYTES)
         if groups_stop > start:
             _grad_input_row_groups(dy, x, start, groups_stop, head, params, stream, dx)
         if _wide_vectors(dx):
