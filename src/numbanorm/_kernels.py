@@ -840,12 +840,12 @@ def _row_groups(out, start, stop, min_row_bytes):
       0.60-0.79 of that time, of 2048x1024 and 1365x1536 float64 0.65-0.73;
       their ``dx`` 0.63-0.76 and 0.80-0.88 (through the API, two runs: the
       training forward 0.80-0.91x, inference 0.73-0.89x, the backward 0.85-0.96x).
-      Rows of 4 KB took 1.05-1.18x in groups (4096x1024 float32, 4096x512
-      float64).
+      Rows of 4 KB went either way in groups, 0.81-1.25x over six runs
+      (4096x1024 and 8192x1024 float32, 4096x512 float64).
 
     Half of the L1 draws the line through both machines' measurements. Groups
     of 8 rows were 4-14 % slower than groups of 4 on the Zen 5 and 15-20 % on
-    the Zen 4, groups of 2 the same as 4.
+    the Zen 4; groups of 2 the same as 4 on the Zen 5, 24-38 % slower on the Zen 4.
     """
     itemsize = out.itemsize
     row_bytes = out.shape[1] * itemsize
